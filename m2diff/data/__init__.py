@@ -1,0 +1,1 @@
+"""Site data: layout, validation, slices and the cohort simulator."""
