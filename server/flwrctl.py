@@ -1,0 +1,185 @@
+"""Drive Flower's command-line tools: connections, submitting a run, its real outcome.
+
+Used by ``m2diff-server``, ``m2diff simulate`` and the process tests. Facts this relies on
+(see /work/shared/FLOWER.md): the ``flwr`` CLI reads connections from
+``$FLWR_HOME/config.toml``; ``flwr run`` exits 0 even when the ServerApp fails, so the
+outcome comes from ``flwr ls --run-id ID --format json``; run config values are TOML
+scalars. Imports no Flower module, so it is cheap to import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+FINISHED = "finished"
+COMPLETED = "finished:completed"
+
+
+class FlowerError(RuntimeError):
+    """A Flower command failed; the message says which and why."""
+
+
+def tool(name: str) -> str:
+    """Path of a Flower executable: beside this Python first (the venv), else on PATH."""
+    here = Path(sys.executable).parent / name
+    if here.is_file():
+        return str(here)
+    found = shutil.which(name)
+    if not found:
+        raise FlowerError(f"{name} not found (is flwr installed in this environment?)")
+    return found
+
+
+def flower_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for Flower processes: private FLWR_HOME, no update check, no ``uv sync``."""
+    env = dict(os.environ)
+    env.update(FLWR_HOME=str(home), FLWR_DISABLE_UPDATE_CHECK="1",
+               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", PYTHONUNBUFFERED="1")
+    env.update(extra or {})
+    return env
+
+
+def toml_value(value: Any) -> str:
+    """A TOML scalar: strings quoted (with escapes), bools lower-case, numbers as they are."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def toml_pairs(values: Mapping[str, Any]) -> str:
+    """``{'out-dir': '/x', 'n': 2}`` -> ``out-dir="/x" n=2`` (for --run-config / --node-config)."""
+    return " ".join(f"{k}={toml_value(v)}" for k, v in values.items())
+
+
+def write_connection(home: Path, name: str, address: str, root_certificates: Path | None = None,
+                     insecure: bool = False) -> Path:
+    """Write ``$FLWR_HOME/config.toml`` with one SuperLink connection (plus ``local``)."""
+    home.mkdir(parents=True, exist_ok=True)
+    lines = ["[superlink]", f"default = {toml_value(name)}", "", f"[superlink.{name}]",
+             f"address = {toml_value(address)}"]
+    if address != ":local:":
+        if insecure:
+            lines.append("insecure = true")
+        elif root_certificates is not None:
+            lines.append(f"root-certificates = {toml_value(str(Path(root_certificates).resolve()))}")
+        else:
+            raise FlowerError("a SuperLink connection needs root-certificates or insecure=true")
+    if name != "local":
+        lines += ["", "[superlink.local]", 'address = ":local:"']
+    path = home / "config.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _json_out(text: str) -> dict[str, Any]:
+    """The JSON object in a CLI's stdout (ignores log lines around it)."""
+    start, end = text.find("{"), text.rfind("}")
+    if start < 0 or end < start:
+        raise FlowerError(f"no JSON in output: {text.strip()[-400:]}")
+    return json.loads(text[start:end + 1])
+
+
+@dataclass
+class Federation:
+    """A SuperLink connection the ``flwr`` CLI can use."""
+
+    home: Path
+    connection: str
+    env: dict[str, str]
+
+    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([tool("flwr"), *args], env=self.env, capture_output=True,
+                              text=True, timeout=timeout)
+
+    def submit(self, app_dir: Path, run_config: Mapping[str, Any],
+               federation_config: Mapping[str, Any] | None = None, timeout: float = 300) -> int:
+        """``flwr run`` the app; return the run id."""
+        args = ["run", str(app_dir), self.connection, "--format", "json"]
+        if run_config:
+            args += ["--run-config", toml_pairs(run_config)]
+        if federation_config:
+            args += ["--federation-config", toml_pairs(federation_config)]
+        proc = self.flwr(*args, timeout=timeout)
+        try:
+            data = _json_out(proc.stdout)
+        except (FlowerError, ValueError):
+            raise FlowerError(f"flwr run failed (exit {proc.returncode}): "
+                              f"{(proc.stdout + proc.stderr).strip()[-800:]}") from None
+        if not data.get("success", True) or "run-id" not in data:
+            raise FlowerError(f"flwr run failed: {data.get('error-message', data)}")
+        return int(data["run-id"])
+
+    def status(self, run_id: int) -> dict[str, Any]:
+        """The run's row of ``flwr ls --run-id`` (keys include ``status``)."""
+        proc = self.flwr("ls", self.connection, "--run-id", str(run_id), "--format", "json",
+                         timeout=60)
+        data = _json_out(proc.stdout)
+        runs = data.get("runs") or []
+        if not runs:
+            raise FlowerError(f"run {run_id} unknown to the SuperLink: {data}")
+        return dict(runs[0])
+
+    def wait(self, run_id: int, timeout: float, stream: bool = True, poll_s: float = 2.0,
+             out: Any = None) -> dict[str, Any]:
+        """Stream the run's log (``flwr log``) until it ends; return its final ``flwr ls`` row.
+
+        Raises FlowerError when it does not end within ``timeout`` seconds.
+        """
+        logger = None
+        if stream:
+            logger = subprocess.Popen([tool("flwr"), "log", str(run_id), self.connection,
+                                       "--stream"], env=self.env, stdout=out or sys.stdout,
+                                      stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                row = self.status(run_id)
+                if str(row.get("status", "")).startswith(FINISHED):
+                    if logger is not None:
+                        # let the log stream drain what is left
+                        with contextlib.suppress(subprocess.TimeoutExpired):
+                            logger.wait(timeout=10)
+                    return row
+                if time.monotonic() > deadline:
+                    self.flwr("stop", str(run_id), self.connection, timeout=60)
+                    raise FlowerError(f"run {run_id} did not finish within {timeout:.0f} s; stopped")
+                time.sleep(poll_s)
+        finally:
+            if logger is not None and logger.poll() is None:
+                stop_group(logger)
+
+
+def run_outcome(row: Mapping[str, Any]) -> tuple[bool, str]:
+    """(succeeded, one-line description) of a ``flwr ls`` row."""
+    status = str(row.get("status", "?"))
+    details = str(row.get("status-details", "") or "")
+    return status == COMPLETED, f"{status}{': ' + details if details else ''}"
+
+
+def stop_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM the process group a child leads (started with start_new_session), then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=5)

@@ -1,0 +1,76 @@
+"""The federated round loop: train, aggregate, evaluate, then a per-round hook.
+
+Like ``flwr.serverapp.strategy.Strategy.start`` but with round numbers that continue
+after a resume (``first_round``) and a hook after every round that checkpoints and
+records metrics, so a killed ServerApp loses at most the round in flight.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+from flwr.supercore import log
+
+from server.strategy import SiteAwareMixin
+
+
+@dataclass
+class RoundTiming:
+    """Wall seconds of one round's two phases as the ServerApp saw them."""
+
+    round: int
+    train_s: float
+    evaluate_s: float
+
+
+def _finite(arrays: ArrayRecord) -> bool:
+    return all(np.all(np.isfinite(a.numpy())) for a in arrays.values()
+               if np.issubdtype(a.numpy().dtype, np.floating))
+
+
+def run_rounds(
+    strategy: SiteAwareMixin,
+    grid: Grid,
+    arrays: ArrayRecord,
+    first_round: int,
+    last_round: int,
+    timeout: float,
+    on_round: Callable[[int, ArrayRecord, RoundTiming], None],
+    train_config: dict | None = None,
+    evaluate_config: dict | None = None,
+) -> ArrayRecord:
+    """Run rounds ``first_round..last_round`` (inclusive); return the final global arrays."""
+    for rnd in range(first_round, last_round + 1):
+        log(INFO, "")
+        log(INFO, "[ROUND %s/%s]", rnd, last_round)
+        t0 = time.perf_counter()
+        replies = grid.send_and_receive(
+            messages=strategy.configure_train(rnd, arrays, ConfigRecord(dict(train_config or {})),
+                                              grid),  # type: ignore[attr-defined]
+            timeout=timeout,
+        )
+        new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)  # type: ignore[attr-defined]
+        if new_arrays is not None and _finite(new_arrays):
+            arrays = new_arrays
+        elif new_arrays is not None:
+            log(WARNING, "round %d: aggregate is not finite; keeping the previous global model", rnd)
+        if train_metrics is not None:
+            log(INFO, "\t└──> train: %s", train_metrics)
+        t1 = time.perf_counter()
+        replies = grid.send_and_receive(
+            messages=strategy.configure_evaluate(rnd, arrays,  # type: ignore[attr-defined]
+                                                 ConfigRecord(dict(evaluate_config or {})), grid),
+            timeout=timeout,
+        )
+        eval_metrics = strategy.aggregate_evaluate(rnd, replies)  # type: ignore[attr-defined]
+        if eval_metrics is not None:
+            log(INFO, "\t└──> evaluate: %s", eval_metrics)
+        t2 = time.perf_counter()
+        on_round(rnd, arrays, RoundTiming(rnd, t1 - t0, t2 - t1))
+    return arrays

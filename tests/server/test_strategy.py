@@ -1,0 +1,128 @@
+"""The site-aware strategies on constructed replies: names, rejections, dropped sites."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    Metadata,
+    MetricRecord,
+    RecordDict,
+)
+from omegaconf import OmegaConf
+
+from server.strategy import STRATEGIES, build_strategy
+
+SPEC = {"w": (2, 3), "b": (3,)}
+
+
+def _fl(strategy: str = "fedavg", min_sites: int = 1):
+    return OmegaConf.create({
+        "strategy": strategy, "min_sites": min_sites, "fraction_train": 1.0,
+        "fraction_evaluate": 1.0, "proximal_mu": 0.01, "server_lr": 0.01, "trim_beta": 0.2,
+    })
+
+
+def _meta(node: int) -> Metadata:
+    return Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0,
+                    reply_to_message_id="x", group_id="1", created_at=0.0, ttl=60.0,
+                    message_type=MessageType.TRAIN)
+
+
+def _reply(node: int, site: str | None, value: float = 1.0, n: int = 10,
+           arrays: dict | None = None, metrics: dict | None = None) -> Message:
+    arrays = arrays if arrays is not None else {k: np.full(s, value, np.float32)
+                                                for k, s in SPEC.items()}
+    content = RecordDict({
+        "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+        "metrics": MetricRecord(metrics if metrics is not None else
+                                {"num-examples": n, "train_loss": 0.5}),
+    })
+    if site:
+        content["site"] = ConfigRecord({"name": site})
+    return Message(content=content, metadata=_meta(node))
+
+
+def _error(node: int = 1) -> Message:
+    return Message(error=Error(code=0, reason="node went away"), metadata=_meta(node))
+
+
+def test_nan_update_is_rejected_and_named():
+    strategy = build_strategy(_fl(), SPEC)
+    poisoned = _reply(12, "site-b", value=np.nan)
+    arrays, _ = strategy.aggregate_train(1, [_reply(11, "site-a", 1.0), poisoned,
+                                             _reply(13, "site-c", 3.0)])
+    assert arrays is not None
+    w = arrays["w"].numpy()
+    assert np.all(np.isfinite(w)) and np.allclose(w, 2.0)  # mean of 1 and 3, b ignored
+    assert set(strategy.rejected[1]) == {"site-b"}
+    assert "non-finite" in strategy.rejected[1]["site-b"]
+    assert strategy.site_name(11) == "site-a"
+    assert set(strategy.train_metrics[1]) == {"site-a", "site-c"}
+
+
+def test_wrong_shape_extra_key_and_inconsistent_metrics_are_rejected():
+    strategy = build_strategy(_fl(), SPEC)
+    bad_shape = _reply(2, "s2", arrays={"w": np.ones((3, 2), np.float32),
+                                        "b": np.ones(3, np.float32)})
+    extra = _reply(3, "s3", arrays={**{k: np.ones(s, np.float32) for k, s in SPEC.items()},
+                                    "spy": np.ones(1, np.float32)})
+    odd_metrics = _reply(4, "s4", metrics={"num-examples": 5, "train_loss": 0.1, "x": 1.0})
+    no_weight = _reply(5, "s5", metrics={"train_loss": 0.1})
+    arrays, metrics = strategy.aggregate_train(1, [_reply(1, "s1"), _reply(6, "s6"), bad_shape,
+                                                   extra, odd_metrics, no_weight])
+    assert arrays is not None and metrics is not None
+    assert set(strategy.rejected[1]) == {"s2", "s3", "s4", "s5"}
+
+
+def test_all_rejected_keeps_global_model():
+    strategy = build_strategy(_fl(), SPEC)
+    arrays, metrics = strategy.aggregate_train(1, [_reply(1, "s1", value=np.inf)])
+    assert arrays is None and metrics is None
+
+
+def test_error_replies_are_survived():
+    strategy = build_strategy(_fl(), SPEC)
+    strategy._sent[(1, True)] = {11, 12}
+    strategy.site_names[12] = "site-b"
+    arrays, _ = strategy.aggregate_train(1, [_reply(11, "site-a", 4.0), _error(1)])
+    assert np.allclose(arrays["w"].numpy(), 4.0)
+    assert strategy.dropped[1] == ["site-b"]
+
+
+def test_evaluate_keeps_per_site_metrics_and_handles_zero_weight():
+    strategy = build_strategy(_fl(), SPEC)
+    m = {"num-examples": 2, "cn_psnr": 30.0, "ad_psnr": 0.0, "ad_n": 0.0}
+    replies = [_reply(1, "a", metrics=m), _reply(2, "b", metrics={**m, "cn_psnr": 20.0})]
+    for r in replies:
+        del r.content["arrays"]
+    agg = strategy.aggregate_evaluate(1, replies)
+    assert agg is not None and agg["cn_psnr"] == pytest.approx(25.0)
+    assert strategy.evaluate_metrics[1]["b"]["cn_psnr"] == 20.0
+    zero = _reply(3, "c", metrics={**m, "num-examples": 0})
+    del zero.content["arrays"]
+    assert strategy.aggregate_evaluate(2, [zero]) is None
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_strategy_rejects_nan(name):
+    strategy = build_strategy(_fl(name, min_sites=1), SPEC)
+    if name == "fedadam":  # FedOpt needs the current global arrays from configure_train
+        strategy.current_arrays = {k: np.zeros(s, np.float32) for k, s in SPEC.items()}
+    replies = [_reply(1, "a", 1.0), _reply(2, "b", 2.0), _reply(3, "c", 3.0),
+               _reply(4, "d", np.nan)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    assert all(np.all(np.isfinite(a.numpy())) for a in arrays.values())
+    assert "d" in strategy.rejected[1]
+
+
+def test_unknown_strategy_is_a_clear_error():
+    with pytest.raises(ValueError, match="fl.strategy"):
+        build_strategy(_fl("fedfoo"), SPEC)
