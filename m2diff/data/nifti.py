@@ -23,10 +23,22 @@ class Volume:
         return tuple(float(z) for z in self.header.get_zooms()[:3])
 
 
+def as_3d(data: np.ndarray) -> np.ndarray:
+    """Drop trailing singleton axes beyond the third ((X, Y, Z, 1) -> (X, Y, Z)).
+
+    Raises ValueError when the result is not 3D (a 2D image, a 4D series).
+    """
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise ValueError(f"expected a 3D volume, got {data.ndim}D with shape {tuple(data.shape)}")
+    return data
+
+
 def load_volume(path: Path) -> Volume:
     """Load a NIfTI file as float32 (X, Y, Z); raises on unreadable or non-3D files."""
     img = nib.load(str(path))
-    data = np.asarray(img.get_fdata(dtype=np.float32))
+    data = as_3d(np.asarray(img.get_fdata(dtype=np.float32)))
     return Volume(data=data, affine=np.asarray(img.affine, dtype=np.float64), header=img.header.copy())
 
 
