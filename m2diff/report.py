@@ -1,0 +1,278 @@
+"""Reports: rich tables, atomic CSV/JSON writers and PNG figures (matplotlib Agg).
+
+Every file is written to a temporary name beside its target and renamed into place, so a
+reader (a browser refreshing the per-round figure, a script reading metrics.json) never sees
+half a file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+# Column key -> (header, format); unknown keys are printed with str().
+FORMATS: dict[str, tuple[str, str]] = {
+    "psnr": ("PSNR dB", "{:.2f}"),
+    "ssim": ("SSIM", "{:.4f}"),
+    "nmse": ("NMSE", "{:.4f}"),
+    "suvr_bias_pct": ("SUVR bias %", "{:+.2f}"),
+    "train_s": ("train s", "{:.1f}"),
+    "sample_s": ("sample s/vol", "{:.2f}"),
+}
+
+
+# ---------------------------------------------------------------------------- writing files
+def _atomic_write(path: Path, write: Any, binary: bool = False) -> Path:
+    """Call ``write(fileobj)`` on a temporary file beside ``path``, fsync, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb" if binary else "w", newline=None if binary else "") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe value: numpy scalars to Python, non-finite floats to None, paths to str."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON (NaN/inf become null), atomically."""
+    text = json.dumps(_plain(obj), indent=2)
+    return _atomic_write(path, lambda fh: fh.write(text + "\n"))
+
+
+def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> Path:
+    """Write dict rows as CSV (columns: ``columns`` or the union of keys in first-seen order)."""
+    if columns is None:
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _plain(row.get(k, "")) for k in columns})
+    return _atomic_write(path, lambda fh: fh.write(buf.getvalue()))
+
+
+def save_figure(fig: plt.Figure, png: Path, dpi: int = 110) -> Path:
+    """Save a matplotlib figure as PNG atomically and close it."""
+    try:
+        return _atomic_write(Path(png), lambda fh: fig.savefig(fh, format="png", dpi=dpi), binary=True)
+    finally:
+        plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- tables
+def fmt(key: str, value: Any) -> str:
+    """Format one cell: known metric keys get their precision, NaN becomes '-'."""
+    if isinstance(value, (float, np.floating)):
+        if math.isnan(value):
+            return "-"
+        if math.isinf(value):
+            return "inf"
+        return FORMATS.get(key, ("", "{:.4g}"))[1].format(float(value))
+    return "" if value is None else str(value)
+
+
+def header(key: str) -> str:
+    return FORMATS.get(key, (key, ""))[0]
+
+
+def make_table(rows: Sequence[Mapping[str, Any]], title: str, columns: Sequence[str]) -> Table:
+    """A rich Table with one row per dict; a column ``x`` shows ``x +- x_std`` when present."""
+    table = Table(title=title, title_justify="left")
+    for key in columns:
+        table.add_column(header(key), justify="left" if key in ("site", "method", "cohort", "subject") else "right")
+    for row in rows:
+        cells = []
+        for key in columns:
+            cell = fmt(key, row.get(key))
+            std = row.get(f"{key}_std")
+            if isinstance(std, float) and math.isfinite(std) and cell not in ("-", "inf"):
+                cell += f" ± {fmt(key, std).lstrip('+')}"
+            cells.append(cell)
+        table.add_row(*cells)
+    return table
+
+
+def print_table(rows: Sequence[Mapping[str, Any]], title: str, columns: Sequence[str],
+                console: Console | None = None) -> None:
+    """Print ``rows`` as a rich table with the given columns (keys of the dicts)."""
+    (console or Console(file=sys.stdout)).print(make_table(rows, title, columns))
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """The same table as GitHub markdown (for the README)."""
+    lines = ["| " + " | ".join(header(c) for c in columns) + " |",
+             "|" + "|".join("---" if c in ("site", "method", "cohort") else "---:" for c in columns) + "|"]
+    for row in rows:
+        cells = []
+        for key in columns:
+            cell = fmt(key, row.get(key))
+            std = row.get(f"{key}_std")
+            if isinstance(std, float) and math.isfinite(std) and cell not in ("-", "inf"):
+                cell += f" ± {fmt(key, std).lstrip('+')}"
+            cells.append(cell)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- figures
+def _robust_max(img: np.ndarray) -> float:
+    finite = img[np.isfinite(img)]
+    vmax = float(np.percentile(finite, 99.5)) if finite.size else 1.0
+    return vmax if vmax > 0 else 1.0
+
+
+def plot_panel(cases: Sequence[Mapping[str, Any]], png: Path, title: str = "") -> Path:
+    """Slice panel: one row per case, columns T1 / LD / enhanced / SD / |error|
+    (no "enhanced" column when no case has a prediction).
+
+    ``cases``: dicts with ``label`` (row title) and 2D (X, Y) arrays ``t1`` (may be None),
+    ``ld``, ``pred`` (may be None), ``sd``. PET columns share the SD's display range;
+    |error| = |pred - sd| (or |ld - sd| without a prediction) on its own scale.
+    """
+    with_pred = any(c.get("pred") is not None for c in cases)
+    cols = ["T1", "LD", "enhanced", "SD", "|error|"] if with_pred else ["T1", "LD", "SD", "|error|"]
+    n = max(1, len(cases))
+    fig, axes = plt.subplots(n, len(cols), figsize=(2.2 * len(cols), 2.3 * n + 0.4), squeeze=False)
+    for i, case in enumerate(cases):
+        sd = np.asarray(case["sd"], dtype=np.float32)
+        vmax = _robust_max(sd)
+        pred = case.get("pred")
+        err = np.abs((pred if pred is not None else case["ld"]) - sd)
+        images = [case.get("t1"), case["ld"], pred, sd, err] if with_pred else [
+            case.get("t1"), case["ld"], sd, err]
+        for j, (name, img) in enumerate(zip(cols, images, strict=True)):
+            ax = axes[i, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(name if name != "|error|" or with_pred else "|LD - SD|", fontsize=9)
+            if j == 0:
+                ax.set_ylabel(str(case.get("label", "")), fontsize=8)
+            if img is None:
+                ax.set_facecolor("0.85")
+                ax.text(0.5, 0.5, "n/a", ha="center", va="center", transform=ax.transAxes, fontsize=8)
+                continue
+            img = np.asarray(img, dtype=np.float32)
+            if name == "T1":
+                kw = {"cmap": "gray", "vmin": 0.0, "vmax": _robust_max(img)}
+            elif name == "|error|":
+                kw = {"cmap": "magma", "vmin": 0.0, "vmax": max(vmax * 0.25, 1e-6)}
+            else:
+                kw = {"cmap": "hot", "vmin": 0.0, "vmax": vmax}
+            # (X, Y) -> display with anterior up: rows = Y reversed.
+            ax.imshow(np.rot90(img), interpolation="nearest", **kw)
+    if not cases:
+        for ax in axes[0]:
+            ax.axis("off")
+        axes[0, 0].text(0, 0.5, "no subjects", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, png)
+
+
+def plot_rounds(rows: Iterable[Mapping[str, Any]], png: Path, title: str = "") -> Path:
+    """Per-round figure: PSNR and SSIM vs round, one line per (site, cohort).
+
+    ``rows``: dicts with ``round``, ``site``, ``cohort`` and ``psnr`` / ``ssim`` (missing or
+    non-finite values, and rows with ``n == 0``, are skipped). Solid CN, dashed AD, dotted
+    other cohorts (e.g. ALL). Rewritten atomically after every federated round.
+    """
+    series: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for row in rows:
+        if row.get("n") is not None and float(row["n"]) == 0:
+            continue  # a cohort the site does not have: its 0.0 values are placeholders
+        series.setdefault((str(row.get("site", "")), str(row.get("cohort", ""))), []).append(row)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, label in ((axes[0], "psnr", "PSNR (dB)"), (axes[1], "ssim", "SSIM")):
+        for (site, cohort), items in sorted(series.items()):
+            pts = sorted((float(r["round"]), float(r[key])) for r in items
+                         if r.get(key) is not None and r.get("round") is not None
+                         and math.isfinite(float(r[key])))
+            if not pts:
+                continue
+            xs, ys = zip(*pts, strict=True)
+            style = {"CN": "-", "AD": "--"}.get(cohort.upper(), ":")
+            ax.plot(xs, ys, marker="o", linestyle=style, label=f"{site} {cohort}".strip())
+        ax.set_xlabel("round")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="center right", fontsize=7, frameon=False)
+    fig.suptitle(title or "Held-out metrics of the global model per round (solid CN, dashed AD, dotted all)", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 0.82 if handles else 1, 1))
+    return save_figure(fig, png)
+
+
+def run_data_figure(cfg: DictConfig, args: dict[str, str]) -> int:
+    """``m2diff figure data=DIR [png=...]``: T1 / LD / SD mid-AD slices of a CN and an AD subject
+    per site (first subject of each cohort)."""
+    from m2diff.data.check import site_paths
+    from m2diff.data.nifti import load_volume
+    from m2diff.data.validate import validate_site
+    from m2diff.evaluate import ad_slice
+
+    cases: list[dict[str, Any]] = []
+    for root in site_paths(cfg.data.get("path")):
+        site, problems = validate_site(root, require_sd=False, require_t1=False)
+        for problem in problems:
+            print(f"problem: {problem}", file=sys.stderr)
+        for diagnosis in ("CN", "AD"):
+            subjects = site.cohort(diagnosis)
+            if not subjects:
+                continue
+            s = subjects[0]
+            ld = load_volume(s.ld)
+            z = ad_slice(ld.data.shape, ld.affine)
+            t1 = load_volume(s.t1).data[:, :, z] if s.t1 else None
+            sd = load_volume(s.sd).data[:, :, z] if s.sd else ld.data[:, :, z]
+            cases.append({"label": f"{site.name}\n{s.id} {diagnosis}", "t1": t1,
+                          "ld": ld.data[:, :, z], "pred": None, "sd": sd})
+    if not cases:
+        print("m2diff figure: no usable subjects", file=sys.stderr)
+        return 1
+    from m2diff.config import resolve_path
+
+    png = resolve_path(args.get("png")) or resolve_path(cfg.out) / "subjects.png"
+    plot_panel(cases, png, title="Simulated subjects, mid slice through the AD regions")
+    print(f"wrote {png}")
+    return 0

@@ -1,0 +1,147 @@
+"""Volume enhancement: units and affine survive the round trip, MRI-free mode, CLI errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from m2diff import enhance
+from m2diff.cli import main
+from m2diff.config import compose
+from m2diff.data.nifti import load_volume, save_volume
+
+
+class Identity(nn.Module):
+    """A regression 'model' honouring the model interface whose SD prediction is its LD input."""
+
+    is_diffusion = False
+    stride = 4
+
+    def __init__(self, require_t1: bool | None = None) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+        self.require_t1 = require_t1
+        self.batches: list[int] = []
+
+    def forward(self, ld: torch.Tensor, t1: torch.Tensor | None = None) -> torch.Tensor:
+        if self.require_t1 is not None:
+            assert (t1 is not None) == self.require_t1
+            if t1 is not None:
+                assert t1.shape == ld.shape
+        assert ld.shape[-1] % self.stride == 0 and ld.shape[-2] % self.stride == 0
+        self.batches.append(ld.shape[0])
+        return ld + 0 * self.w
+
+
+class FakeDiffusion(Identity):
+    is_diffusion = True
+
+
+def _volumes(shape=(30, 26, 7)):
+    rng = np.random.default_rng(0)
+    ld = (rng.random(shape) * 5000).astype(np.float32)  # Bq/mL-like units
+    t1 = (rng.random(shape) * 300).astype(np.float32)
+    affine = np.array([[-2.0, 0, 0, 90], [0, 2.5, 0, -120], [0, 0, 3.0, -70], [0, 0, 0, 1]])
+    return ld, t1, affine
+
+
+@pytest.fixture
+def cfg():
+    c = compose(["model=unet", "sample.batch_size=3", "device=cpu"])
+    return c
+
+
+def test_identity_round_trip_keeps_units(cfg):
+    ld, t1, _ = _volumes()
+    model = Identity(require_t1=True)
+    mean, std = enhance.enhance_volume(model, cfg, ld, t1, "cpu")
+    assert std is None and mean.shape == ld.shape and mean.dtype == np.float32
+    np.testing.assert_allclose(mean, ld, rtol=1e-5, atol=1e-2)
+    assert model.batches == [3, 3, 1]  # all 7 axial slices, batch_size 3
+
+
+def test_mri_free(cfg):
+    ld, t1, _ = _volumes()
+    mean, _ = enhance.enhance_volume(Identity(require_t1=False), cfg, ld, None, "cpu")
+    np.testing.assert_allclose(mean, ld, rtol=1e-5, atol=1e-2)
+    cfg.sample.mri = False
+    mean, _ = enhance.enhance_volume(Identity(require_t1=False), cfg, ld, t1, "cpu")
+    np.testing.assert_allclose(mean, ld, rtol=1e-5, atol=1e-2)
+
+
+def test_diffusion_samples_give_std(cfg, monkeypatch):
+    import m2diff.model.diffusion as diffusion
+
+    def fake_predict_sd(model, ld, t1, model_cfg, sample_cfg, generator=None):
+        noise = torch.randn(ld.shape, generator=generator)
+        return ld + 0.01 * noise
+
+    monkeypatch.setattr(diffusion, "predict_sd", fake_predict_sd)
+    ld, t1, _ = _volumes()
+    cfg.sample.samples = 4
+    mean, std = enhance.enhance_volume(FakeDiffusion(), cfg, ld, t1, "cpu", seed=1)
+    assert std is not None and std.shape == ld.shape and float(std.mean()) > 0
+    np.testing.assert_allclose(mean, ld, atol=0.02 * 5000)
+    again, _ = enhance.enhance_volume(FakeDiffusion(), cfg, ld, t1, "cpu", seed=1)
+    np.testing.assert_array_equal(mean, again)  # seeded
+
+
+def _write_inputs(tmp_path):
+    ld, t1, affine = _volumes()
+    ld_file = save_volume(tmp_path / "ld.nii.gz", ld, affine)
+    t1_file = save_volume(tmp_path / "t1.nii.gz", t1, affine)
+    return ld, affine, ld_file, t1_file
+
+
+def test_enhance_command_round_trip(tmp_path, monkeypatch, capsys):
+    ld, affine, ld_file, t1_file = _write_inputs(tmp_path)
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(b"stub")
+
+    def fake_load(cfg, path, device):
+        cfg = cfg.copy()
+        cfg.sample.samples = 1
+        return Identity(require_t1=True), cfg
+
+    monkeypatch.setattr(enhance, "load_for_inference", fake_load)
+    out = tmp_path / "out" / "enh.nii.gz"
+    rc = main(["enhance", f"ldpet={ld_file}", f"t1={t1_file}", f"checkpoint={ckpt}", f"out={out}",
+               "device=cpu"])
+    assert rc == 0, capsys.readouterr().err
+    vol = load_volume(out)
+    np.testing.assert_allclose(vol.affine, affine)
+    np.testing.assert_allclose(vol.data, ld, rtol=1e-5, atol=1e-2)
+    assert not enhance.std_path(out).exists()
+    assert enhance.std_path(out).name == "enh_std.nii.gz"
+
+
+def test_enhance_command_rejects_misregistered_t1(tmp_path, capsys):
+    ld, affine, ld_file, _ = _write_inputs(tmp_path)
+    bad_t1 = save_volume(tmp_path / "t1_bad.nii.gz", np.ones((10, 10, 7), np.float32), affine)
+    rc = main(["enhance", f"ldpet={ld_file}", f"t1={bad_t1}", "checkpoint=x.pt",
+               f"out={tmp_path / 'o.nii.gz'}"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "t1_bad.nii.gz" in err
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not a nifti")
+    rc = main(["enhance", f"ldpet={broken}", "checkpoint=x.pt", f"out={tmp_path / 'o.nii.gz'}"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "broken.nii.gz" in err
+
+
+def test_enhance_command_corrupt_checkpoint(tmp_path, capsys):
+    pytest.importorskip("m2diff.checkpoint")
+    _, _, ld_file, t1_file = _write_inputs(tmp_path)
+    ckpt = tmp_path / "corrupt.pt"
+    ckpt.write_bytes(b"\x00garbage" * 100)
+    rc = main(["enhance", f"ldpet={ld_file}", f"t1={t1_file}", f"checkpoint={ckpt}",
+               f"out={tmp_path / 'o.nii.gz'}", "device=cpu"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and "corrupt.pt" in err and "Traceback" not in err
+    missing = tmp_path / "missing.pt"
+    rc = main(["enhance", f"ldpet={ld_file}", f"checkpoint={missing}", f"out={tmp_path / 'o.nii.gz'}"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "missing.pt" in err
