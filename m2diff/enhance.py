@@ -90,29 +90,27 @@ def std_path(out: Path) -> Path:
 
 
 def run_device(cfg: DictConfig) -> torch.device:
-    """The torch device of ``cfg.device`` (cpu | cuda | cuda:N | auto)."""
-    try:
-        from m2diff.train import resolve_device
-    except ImportError:  # inference-only installs: same rule, without the training stack
-        name = str(cfg.get("device", "auto"))
-        if name == "auto":
-            name = "cuda" if torch.cuda.is_available() else "cpu"
-        return torch.device(name)
-    return resolve_device(cfg.device)
+    """The torch device of ``cfg.device`` (cpu | cuda | cuda:N | auto); ConfigError if unusable."""
+    from m2diff.device import resolve_device
+
+    return resolve_device(cfg.get("device", "auto"))
 
 
 def load_for_inference(cfg: DictConfig, path: Path | str,
                        device: torch.device) -> tuple[torch.nn.Module, DictConfig]:
-    """Load a checkpoint's model (eval mode) and a copy of ``cfg`` holding the checkpoint's
-    model settings and normalisation percentile (sampling settings stay the caller's).
+    """Load a checkpoint's model (eval mode, on ``device``) and a copy of ``cfg`` whose
+    ``model`` section is the checkpoint's (sampling and data settings stay the caller's).
     Raises m2diff.checkpoint.CheckpointError naming the file."""
     from m2diff.checkpoint import load_model
 
-    model, ckpt_cfg = load_model(Path(path).expanduser(), device)
+    model, stored = load_model(Path(path).expanduser(), device)
     cfg = cfg.copy()
-    cfg.model = ckpt_cfg.model
-    if "data" in ckpt_cfg and "norm_percentile" in ckpt_cfg.data:
-        cfg.data.norm_percentile = ckpt_cfg.data.norm_percentile
+    if "arch" in stored:  # the checkpoint keeps the model section only
+        cfg.model = stored
+    else:
+        cfg.model = stored.model
+        if "data" in stored and "norm_percentile" in stored.data:
+            cfg.data.norm_percentile = stored.data.norm_percentile
     return model.eval(), cfg
 
 

@@ -212,14 +212,16 @@ def plot_rounds(rows: Iterable[Mapping[str, Any]], png: Path, title: str = "") -
     """Per-round figure: PSNR and SSIM vs round, one line per (site, cohort).
 
     ``rows``: dicts with ``round``, ``site``, ``cohort`` and ``psnr`` / ``ssim`` (missing or
-    non-finite values, and rows with ``n == 0``, are skipped). Solid CN, dashed AD, dotted
-    other cohorts (e.g. ALL). Rewritten atomically after every federated round.
+    non-finite values, and rows with ``n == 0``, are skipped). One colour per site; solid CN,
+    dashed AD, dotted other cohorts (e.g. ALL). Rewritten atomically after every federated round.
     """
     series: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
     for row in rows:
         if row.get("n") is not None and float(row["n"]) == 0:
             continue  # a cohort the site does not have: its 0.0 values are placeholders
         series.setdefault((str(row.get("site", "")), str(row.get("cohort", ""))), []).append(row)
+    sites = sorted({site for site, _ in series})
+    colors = {site: plt.get_cmap("tab10")(i % 10) for i, site in enumerate(sites)}
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, key, label in ((axes[0], "psnr", "PSNR (dB)"), (axes[1], "ssim", "SSIM")):
         for (site, cohort), items in sorted(series.items()):
@@ -230,7 +232,8 @@ def plot_rounds(rows: Iterable[Mapping[str, Any]], png: Path, title: str = "") -
                 continue
             xs, ys = zip(*pts, strict=True)
             style = {"CN": "-", "AD": "--"}.get(cohort.upper(), ":")
-            ax.plot(xs, ys, marker="o", linestyle=style, label=f"{site} {cohort}".strip())
+            ax.plot(xs, ys, marker="o", linestyle=style, color=colors[site],
+                    label=f"{site} {cohort}".strip())
         ax.set_xlabel("round")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
