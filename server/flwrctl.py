@@ -44,6 +44,8 @@ def tool(name: str) -> str:
 def flower_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment for Flower processes: private FLWR_HOME, no update check, no ``uv sync``."""
     env = dict(os.environ)
+    # The SuperLink / SuperNode start flower-superexec, flwr-serverapp, flwr-clientapp by name.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update(FLWR_HOME=str(home), FLWR_DISABLE_UPDATE_CHECK="1",
                FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", PYTHONUNBUFFERED="1")
     env.update(extra or {})
@@ -169,17 +171,46 @@ def run_outcome(row: Mapping[str, Any]) -> tuple[bool, str]:
     return status == COMPLETED, f"{status}{': ' + details if details else ''}"
 
 
+def descendants(pid: int) -> list[int]:
+    """PIDs of all live descendants of ``pid`` (Linux /proc), children first."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    out: list[int] = []
+    todo = list(parents.get(pid, []))
+    while todo:
+        child = todo.pop(0)
+        out.append(child)
+        todo.extend(parents.get(child, []))
+    return out
+
+
+def _signal_pids(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
 def stop_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """SIGTERM the process group a child leads (started with start_new_session), then SIGKILL."""
+    """End a child started with start_new_session: its process group and every descendant
+    (Flower detaches flower-superexec into a session of its own), SIGTERM then SIGKILL."""
     if proc.poll() is not None:
         return
-    try:
+    family = descendants(proc.pid)
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
+    _signal_pids(family, signal.SIGTERM)
     try:
         proc.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=5)
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in family):
+        time.sleep(0.1)
+    _signal_pids([p for p in family if Path(f"/proc/{p}").exists()], signal.SIGKILL)

@@ -1,0 +1,89 @@
+"""The ClientApp: train and evaluate the global model on one site's data.
+
+What leaves the site: the model's weights (the same names and shapes it received), numbers
+(num-examples, losses, seconds, per-cohort metrics of the held-out subjects) and the site's
+name. No subject ids, file names or images; tests/client/test_privacy.py inspects every
+reply for that.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.site import SiteRun
+from m2diff.data.dataset import load_slices
+from m2diff.data.splits import split_subjects
+from m2diff.evaluate import evaluate_subjects, site_metrics
+from m2diff.fedutil import add_proximal_term
+from m2diff.train import make_optimizer, train_steps
+
+app = ClientApp()
+
+
+def _reply(msg: Message, run: SiteRun, metrics: dict[str, float],
+           model: torch.nn.Module | None = None) -> Message:
+    content = RecordDict({"metrics": MetricRecord(metrics),
+                          "site": ConfigRecord({"name": run.name})})
+    if model is not None:
+        content["arrays"] = ArrayRecord(model.state_dict())
+    return Message(content=content, reply_to=msg)
+
+
+def _optimizer(model: torch.nn.Module, run: SiteRun, mu: float) -> torch.optim.Optimizer | None:
+    """None (train_steps builds its own) unless FedProx asks for a proximal term."""
+    if mu <= 0:
+        return None
+    opt = make_optimizer(model, run.cfg.train)
+    add_proximal_term(opt, model, mu)
+    return opt
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """``cfg.train.steps`` optimiser steps on the site's train subjects from the global model."""
+    start = time.perf_counter()
+    run = SiteRun.open(context)
+    model = run.model_from(msg)
+    slices = load_slices(run.site, "train", run.cfg.data, int(run.cfg.seed), int(model.stride))
+    config = msg.content.config_records.get("config", ConfigRecord())
+    server_round = int(config.get("server-round", 1))
+    # A different batch order / noise draw every round, reproducible per site and round.
+    torch.manual_seed(int(run.cfg.seed) * 1000 + server_round)
+    # The raw weights are what FedAvg averages; a per-round EMA restarted from the global
+    # model would only lag behind it, so the site keeps none.
+    run.cfg.train.ema_decay = 0.0
+    ready = time.perf_counter()
+    result = train_steps(model, slices, run.cfg, steps=int(run.cfg.train.steps),
+                         optimizer=_optimizer(model, run, float(config.get("proximal-mu", 0.0))),
+                         device=run.device, progress=False)
+    if str(context.node_config.get("test-fault", "")) == "nan":
+        # Fault injection for tests only: a broken site the server must reject.
+        with torch.no_grad():
+            next(iter(model.parameters())).fill_(float("nan"))
+    metrics = {
+        "num-examples": int(result.num_examples),
+        "train_loss": float(result.loss),
+        "train_steps": int(result.steps),
+        "train_seconds": float(result.seconds),
+        "setup_seconds": float(ready - start),
+    }
+    return _reply(msg, run, metrics, model.cpu())
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Metrics of the LD input and the global model on the site's test subjects, per cohort."""
+    start = time.perf_counter()
+    run = SiteRun.open(context)
+    model = run.model_from(msg).eval()
+    test = split_subjects(run.site.subjects, run.cfg.data.split, int(run.cfg.seed))["test"]
+    with torch.no_grad():
+        rows = evaluate_subjects(model, run.cfg, run.site, test, run.device)
+    metrics = site_metrics(rows, method=str(run.cfg.model.arch))
+    metrics["num-examples"] = len(test)
+    metrics["eval_seconds"] = float(time.perf_counter() - start)
+    return _reply(msg, run, metrics)

@@ -1,0 +1,247 @@
+"""``m2diff simulate [key=value ...]``: a whole federation on this machine.
+
+Generates the default sites (healthy-only, AD-heavy, mixed) under ``generate.out`` when they
+are missing (the tiny generator preset unless a ``generate.*`` key is changed), then:
+
+- ``fl.mode=federated`` (default): the repository's Flower app on Flower's simulation engine
+  (Ray): a simulation SuperLink on a free local port, ``flwr run`` with one virtual SuperNode
+  per site (``fl.num_cpus`` / ``fl.num_gpus`` each; ``fl.ray_address`` joins an existing Ray
+  cluster), the SuperLink stopped by PID afterwards. Output in ``<out>/federated``.
+- ``fl.mode=centralized``: pooled training subjects of all sites, the same total number of
+  optimiser steps as the federation (rounds x steps x sites), no Flower.
+- ``fl.mode=local``: each site alone for rounds x steps, no Flower.
+
+Each ends with the same table: per site and cohort, PSNR / SSIM / NMSE / SUVR bias of the
+LD input and of the trained model on the site's held-out test subjects.
+Flower is imported only inside the federated path (``m2diff`` stays Flower-free).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from m2diff.config import ConfigError, compose, resolve_path
+from m2diff.fedutil import TABLE_COLUMNS, metric_rows, table_rows
+
+REPO = Path(__file__).resolve().parents[1]
+SKIP = ("generate", "data.path", "out")  # not needed by the ServerApp / ClientApps
+
+
+# ----------------------------------------------------------------------------- sites
+def generate_cfg(cfg: DictConfig) -> DictConfig:
+    """The generator settings: the tiny preset unless the user changed a generate key."""
+    gen = cfg.generate
+    if OmegaConf.to_container(gen) == OmegaConf.to_container(compose([]).generate):
+        gen = compose(["generate=tiny"]).generate
+        gen.out = cfg.generate.out
+    gen.sites = int(cfg.fl.sites)
+    return gen
+
+
+def ensure_sites(cfg: DictConfig) -> list[Path]:
+    """``data.path`` folders when given, else the generated sites (generated when missing)."""
+    if cfg.data.get("path"):
+        from m2diff.data.check import site_paths
+
+        return site_paths(cfg.data.path)
+    gen = generate_cfg(cfg)
+    out = resolve_path(gen.out)
+    assert out is not None
+    profiles = list(gen.site_profiles)
+    expected = [out / str(profiles[i % len(profiles)]["name"]) for i in range(int(gen.sites))]
+    if all((p / "participants.tsv").is_file() for p in expected):
+        return expected
+    from m2diff.data.simulate.cohort import generate_sites
+
+    print(f"m2diff simulate: generating {gen.sites} sites under {out}", flush=True)
+    return list(generate_sites(gen, out, seed=int(cfg.seed), progress=True))
+
+
+# ----------------------------------------------------------------------------- config
+def _hydra_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_hydra_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_hydra_value(v)}" for k, v in value.items()) + "}"
+    return json.dumps(str(value))
+
+
+def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_leaves(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def run_overrides(cfg: DictConfig) -> list[str]:
+    """Hydra overrides (``++key=value``) that turn the default config into ``cfg``: what the
+    ServerApp and every ClientApp compose (generation settings and site paths left out)."""
+    def plain(c: DictConfig | ListConfig) -> Any:
+        return OmegaConf.to_container(c, resolve=True)
+
+    base = _leaves(plain(compose([])))
+    words = []
+    for key, value in _leaves(plain(cfg)).items():
+        if any(key == s or key.startswith(s + ".") for s in SKIP):
+            continue
+        if key not in base or base[key] != value:
+            words.append(f"++{key}={_hydra_value(value)}")
+    return words
+
+
+# ----------------------------------------------------------------------------- modes
+def run_federated(cfg: DictConfig, sites: list[Path], out: Path) -> list[dict[str, Any]]:
+    """The Flower app on the simulation engine; rows of the last round (rounds.json)."""
+    import socket
+
+    from server.flwrctl import (
+        Federation,
+        FlowerError,
+        flower_env,
+        run_outcome,
+        stop_group,
+        tool,
+        write_connection,
+    )
+
+    out.mkdir(parents=True, exist_ok=True)
+    home = out / ".flwr-home"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    write_connection(home, "sim", f"127.0.0.1:{port}", insecure=True)  # loopback only
+    extra = {"RAY_ADDRESS": str(cfg.fl.ray_address)} if cfg.fl.get("ray_address") else {}
+    env = flower_env(home, extra)
+    ctl = Federation(home, "sim", env)
+    with open(out / "superlink.log", "ab") as log:
+        link = subprocess.Popen(
+            [tool("flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1",
+             "--port", str(port), "--disable-runtime-dependency-installation"],
+            cwd=out, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if link.poll() is not None:
+                raise FlowerError(f"simulation SuperLink exited ({link.returncode}); see {out}/superlink.log")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if time.monotonic() > deadline:
+                raise FlowerError("simulation SuperLink did not start within 60 s")
+            time.sleep(0.3)
+        cpus = float(cfg.fl.num_cpus)
+        federation = {"num-supernodes": len(sites),
+                      "client-resources-num-cpus": int(cpus) if cpus.is_integer() else cpus,
+                      "client-resources-num-gpus": float(cfg.fl.num_gpus)}
+        run_config = {"out-dir": str(out), "overrides": shlex.join(run_overrides(cfg)),
+                      "sim-sites": ",".join(str(p) for p in sites)}
+        run_id = ctl.submit(REPO, run_config, federation)
+        print(f"m2diff simulate: Flower run {run_id}: {len(sites)} virtual sites, "
+              f"{cfg.fl.rounds} rounds x {cfg.train.steps} steps", flush=True)
+        row = ctl.wait(run_id, timeout=float(cfg.fl.rounds) * float(cfg.fl.round_timeout) + 600)
+        ok, text = run_outcome(row)
+        traffic = row.get("network-traffic", {})
+        print(f"m2diff simulate: run {run_id} {text} in {row.get('elapsed', 0):.0f} s "
+              f"(traffic {traffic.get('total-bytes', 0) / 2**20:.1f} MB)", flush=True)
+        if not ok:
+            raise FlowerError(f"federated run {text}; see {out}/superlink.log")
+    finally:
+        stop_group(link)
+    rows = json.loads((out / "rounds.json").read_text()) if (out / "rounds.json").is_file() else []
+    last = max((int(r["round"]) for r in rows), default=0)
+    return [r for r in rows if int(r["round"]) == last]
+
+
+def _evaluate(model: Any, cfg: DictConfig, site: Any, device: Any, rnd: int) -> list[dict[str, Any]]:
+    import torch
+
+    from m2diff.data.splits import split_subjects
+    from m2diff.evaluate import evaluate_subjects, site_metrics
+
+    test = split_subjects(site.subjects, cfg.data.split, int(cfg.seed))["test"]
+    model.eval()
+    with torch.no_grad():
+        rows = evaluate_subjects(model, cfg, site, test, device)
+    return metric_rows(rnd, site.name, site_metrics(rows, method=str(cfg.model.arch)))
+
+
+def run_without_flower(cfg: DictConfig, sites: list[Path], out: Path) -> list[dict[str, Any]]:
+    """``fl.mode=centralized`` (pooled) or ``local`` (each site alone) with m2diff.train."""
+    import torch
+
+    from m2diff.checkpoint import save_checkpoint
+    from m2diff.data.dataset import SliceSet, load_slices
+    from m2diff.data.validate import validate_site
+    from m2diff.model import build_model
+    from m2diff.train import resolve_device, train_steps
+
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    checked = [validate_site(p)[0] for p in sites]
+    usable = [s for s in checked if s.subjects]
+    rounds, steps = int(cfg.fl.rounds), int(cfg.train.steps)
+    groups = [usable] if cfg.fl.mode == "centralized" else [[s] for s in usable]
+    rows: list[dict[str, Any]] = []
+    for group in groups:
+        torch.manual_seed(int(cfg.seed))
+        model = build_model(cfg.model)
+        slices = SliceSet.concat([load_slices(s, "train", cfg.data, int(cfg.seed), int(model.stride))
+                                  for s in group])
+        total = rounds * steps * (len(usable) if cfg.fl.mode == "centralized" else 1)
+        name = "pooled" if len(group) > 1 else group[0].name
+        print(f"m2diff simulate: {cfg.fl.mode} training on {name}: {total} steps, "
+              f"{len(slices)} slices", flush=True)
+        result = train_steps(model, slices, cfg, total, device=device, progress=True)
+        # EMA weights for evaluation, like m2diff train's checkpoint.
+        eval_model = result.ema.module if result.ema is not None else model
+        save_checkpoint(out / f"checkpoint-{name}.pt", model, cfg,
+                        ema=result.ema.module if result.ema is not None else None, steps=total)
+        targets = usable if cfg.fl.mode == "centralized" else group
+        for site in targets:
+            rows += _evaluate(eval_model, cfg, site, device, rounds)
+    (out / "rows.json").write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def run_simulate(cfg: DictConfig, args: dict[str, str]) -> int:
+    """CLI entry (see module doc); exit status 0 on success, 1 when the run failed."""
+    mode = str(cfg.fl.mode)
+    if mode not in ("federated", "centralized", "local"):
+        raise ConfigError(f"fl.mode={mode}: choose federated, centralized or local")
+    start = time.perf_counter()
+    sites = ensure_sites(cfg)
+    out = resolve_path(cfg.out)
+    assert out is not None
+    out = out / mode
+    if mode == "federated":
+        from server.flwrctl import FlowerError
+
+        try:
+            rows = run_federated(cfg, sites, out)
+        except FlowerError as exc:
+            print(f"m2diff simulate: {exc}", flush=True)
+            return 1
+    else:
+        rows = run_without_flower(cfg, sites, out)
+    from m2diff.report import print_table
+
+    label = {"federated": "federated", "centralized": "centralized", "local": "local"}[mode]
+    print_table(table_rows(rows, label),
+                f"{mode}: held-out test subjects per site and cohort ({out})", TABLE_COLUMNS)
+    print(f"m2diff simulate: {mode} done in {time.perf_counter() - start:.0f} s; results in {out}")
+    return 0 if rows else 1

@@ -1,0 +1,89 @@
+"""The ServerApp: compose the config, build the strategy, run the rounds, checkpoint each.
+
+Run config (pyproject ``[tool.flwr.app.config]``): ``out-dir`` (absolute; the ServerApp
+runs in the SuperLink's working directory) and ``overrides`` (the Hydra overrides every
+ClientApp composes too). ``fl.rounds`` is the round the run ends at: with ``fl.resume``
+and ``out-dir/checkpoint.pt`` present, it continues at the round after the checkpoint's.
+"""
+
+from __future__ import annotations
+
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore import log
+from omegaconf import DictConfig
+
+from m2diff.config import resolve_path
+from m2diff.fedutil import array_spec, compose_run_config, format_site_table, metric_rows
+from m2diff.model import build_model
+from server.checkpoint import RoundRecorder, load_resume, save_global
+from server.rounds import RoundTiming, run_rounds
+from server.strategy import SiteAwareMixin, build_strategy
+
+app = ServerApp()
+
+
+def out_dir(run_config: dict[str, Any], cfg: DictConfig) -> Path:
+    """``out-dir`` of the run config, else ``cfg.out`` resolved against the working directory."""
+    value = str(run_config.get("out-dir", "") or "")
+    if not value:
+        log(WARNING, "run config has no out-dir; writing to %s", resolve_path(cfg.out))
+    path = resolve_path(value or cfg.out)
+    assert path is not None
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def round_rows(strategy: SiteAwareMixin, rnd: int, timing: RoundTiming) -> list[dict[str, Any]]:
+    """Table rows of one round: per site and cohort, evaluate + train metrics + timings."""
+    rows: list[dict[str, Any]] = []
+    train = strategy.train_metrics.get(rnd, {})
+    for site, metrics in sorted(strategy.evaluate_metrics.get(rnd, {}).items()):
+        for row in metric_rows(rnd, site, metrics, train.get(site)):
+            row.update(round_train_s=round(timing.train_s, 3),
+                       round_evaluate_s=round(timing.evaluate_s, 3))
+            rows.append(row)
+    return rows
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Federated training of the configured model on every connected site."""
+    cfg = compose_run_config(context.run_config)
+    out = out_dir(dict(context.run_config), cfg)
+    torch.manual_seed(int(cfg.seed))
+    model = build_model(cfg.model)
+    first = 1
+    resume = load_resume(out) if cfg.fl.resume else None
+    if resume is not None:
+        model.load_state_dict(resume.state_dict)
+        first = resume.round + 1
+        log(INFO, "resuming from %s after round %d", out / "checkpoint.pt", resume.round)
+    last = int(cfg.fl.rounds)
+    arrays = ArrayRecord(model.state_dict())
+    expected = array_spec({k: a.numpy() for k, a in arrays.items()})
+    strategy = build_strategy(cfg.fl, expected)
+    recorder = RoundRecorder(out, keep_until=first - 1)
+    log(INFO, "m2diff: %s, %s, rounds %d..%d, %.2f MB per model, out-dir %s",
+        cfg.model.arch, cfg.fl.strategy, first, last, arrays.count_bytes() / 2**20, out)
+    if first > last:
+        log(INFO, "nothing to do: checkpoint is at round %d, fl.rounds=%d", first - 1, last)
+        return
+
+    def on_round(rnd: int, new_arrays: ArrayRecord, timing: RoundTiming) -> None:
+        model.load_state_dict(new_arrays.to_torch_state_dict())
+        save_global(out, model, cfg, rnd, sites=sorted(set(strategy.site_names.values())))
+        recorder.add(round_rows(strategy, rnd, timing))
+        log(INFO, "round %d: checkpoint written (train %.1f s, evaluate %.1f s)",
+            rnd, timing.train_s, timing.evaluate_s)
+
+    # FedProx puts "proximal-mu" into each train message itself.
+    run_rounds(strategy, grid, arrays, first, last, float(cfg.fl.round_timeout), on_round)
+    last_rows = [r for r in recorder.rows if r["round"] == last]
+    for line in format_site_table(last_rows).splitlines():
+        log(INFO, "%s", line)

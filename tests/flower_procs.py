@@ -1,0 +1,152 @@
+"""Helpers for tests that start real Flower processes on 127.0.0.1.
+
+Every process is started in its own session (process group) and registered with a
+``ProcessSet``; leaving its ``with`` block (also on failure) terminates every group it
+started, by PID. Ports are picked free per process. TLS material (a CA and a server
+certificate for IP:127.0.0.1 / DNS:localhost) is generated with ``cryptography``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import socket
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from server.flwrctl import Federation, flower_env, stop_group, toml_pairs, tool, write_connection
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (127.0.0.1)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
+    """Wait until something accepts connections on 127.0.0.1:port."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before port {port} opened")
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+@dataclass
+class Certs:
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def make_certs(folder: Path) -> Certs:
+    """A CA and a server certificate (EC P-256) valid for 127.0.0.1 and localhost."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    folder.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "m2diff test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=2))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "superlink")]))
+            .issuer_name(ca_name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=2))
+            .add_extension(x509.SubjectAlternativeName([
+                x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
+                critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    out = Certs(folder / "ca.crt", folder / "server.crt", folder / "server.key")
+    out.ca.write_bytes(ca.public_bytes(pem))
+    out.cert.write_bytes(cert.public_bytes(pem))
+    out.key.write_bytes(key.private_bytes(pem, serialization.PrivateFormat.TraditionalOpenSSL,
+                                          serialization.NoEncryption()))
+    return out
+
+
+@dataclass
+class ProcessSet:
+    """Flower processes of one test; ``close()`` (or the with block) ends them all."""
+
+    workdir: Path
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    def __enter__(self) -> ProcessSet:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self, name: str, cmd: Sequence[str], env: dict[str, str]) -> subprocess.Popen:
+        log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the process
+        proc = subprocess.Popen(list(cmd), cwd=self.workdir, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        self.procs.append(proc)
+        return proc
+
+    def log(self, name: str) -> str:
+        path = self.workdir / f"{name}.log"
+        return path.read_text(errors="replace") if path.is_file() else ""
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            stop_group(proc, grace_s=5)
+
+
+@dataclass
+class TestFederation:
+    """A SuperLink with TLS on a free port plus helpers to add SuperNodes and submit runs."""
+
+    procs: ProcessSet
+    certs: Certs
+    port: int
+    ctl: Federation
+    superlink: subprocess.Popen
+
+    @classmethod
+    def start(cls, procs: ProcessSet) -> TestFederation:
+        certs = make_certs(procs.workdir / "certs")
+        port = free_port()
+        home = procs.workdir / "flwr-home"
+        write_connection(home, "test", f"127.0.0.1:{port}", root_certificates=certs.ca)
+        env = flower_env(home)
+        link = procs.start("superlink", [
+            tool("flower-superlink"), "--host", "127.0.0.1", "--port", str(port),
+            "--ssl-ca-certfile", str(certs.ca), "--ssl-certfile", str(certs.cert),
+            "--ssl-keyfile", str(certs.key), "--disable-runtime-dependency-installation",
+        ], env)
+        wait_port(port, proc=link)
+        return cls(procs, certs, port, Federation(home, "test", env), link)
+
+    def supernode(self, name: str, node_config: dict[str, str]) -> subprocess.Popen:
+        """A SuperNode for one site (own clientappio port), TLS to the SuperLink."""
+        return self.procs.start(name, [
+            tool("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
+            "--root-certificates", str(self.certs.ca), "--port", str(free_port()),
+            "--node-config", toml_pairs(node_config),
+        ], self.ctl.env)
