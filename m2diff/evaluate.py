@@ -156,7 +156,7 @@ def print_report(rows: Sequence[Mapping[str, Any]], summary: Sequence[Mapping[st
 
     from m2diff.report import print_table
 
-    console = Console(file=sys.stdout)
+    console = Console(file=sys.stdout, width=None if sys.stdout.isatty() else 160)
     console.print(f"[bold]Evaluation[/bold] on the '{split}' split. Protocol: {PROTOCOL}")
     one_site = len({s["site"] for s in summary}) <= 2  # a site and its identical "pooled"
     for cohort in (*COHORTS, "all"):

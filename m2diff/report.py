@@ -132,7 +132,9 @@ def make_table(rows: Sequence[Mapping[str, Any]], title: str, columns: Sequence[
 def print_table(rows: Sequence[Mapping[str, Any]], title: str, columns: Sequence[str],
                 console: Console | None = None) -> None:
     """Print ``rows`` as a rich table with the given columns (keys of the dicts)."""
-    (console or Console(file=sys.stdout)).print(make_table(rows, title, columns))
+    # Piped output (logs, CI) would otherwise be wrapped at 80 columns.
+    console = console or Console(file=sys.stdout, width=None if sys.stdout.isatty() else 160)
+    console.print(make_table(rows, title, columns))
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:

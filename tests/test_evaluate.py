@@ -63,3 +63,26 @@ def test_evaluate_command_ld_only(request, tmp_path):
     assert "cerebellum" in data["protocol"] and data["summary"]
     assert (out / "metrics_summary.csv").stat().st_size > 0
     assert any(p.stat().st_size > 1000 for p in out.glob("panel_*.png"))
+
+
+def test_evaluate_command_with_checkpoint(request, tmp_path):
+    """A (untrained) unet checkpoint: its row follows the LD input row of each subject, and
+    a site's flat metrics have the federated keys."""
+    pytest.importorskip("m2diff.data.simulate.cohort")
+    checkpoint = pytest.importorskip("m2diff.checkpoint")
+    tiny_sites = request.getfixturevalue("tiny_sites")
+    from m2diff.cli import main
+    from m2diff.config import compose
+    from m2diff.model import build_model
+
+    cfg = compose(["model=unet"])
+    ckpt = checkpoint.save_checkpoint(tmp_path / "unet.pt", build_model(cfg.model), cfg)
+    out = tmp_path / "eval"
+    assert main(["evaluate", f"data={tiny_sites[1]}", f"out={out}", f"checkpoint={ckpt}",
+                 "device=cpu"]) == 0
+    rows = list(csv.DictReader((out / "metrics_subjects.csv").open()))
+    assert [r["method"] for r in rows[:2]] == [LD_METHOD, "unet"]
+    assert rows[0]["subject"] == rows[1]["subject"]
+    flat = site_metrics([{**r, **{k: float(r[k]) for k in ("psnr", "ssim", "nmse", "suvr_bias_pct")}}
+                         for r in rows])
+    assert flat["all_n"] == len(rows) // 2 and math.isfinite(flat["all_psnr"])
