@@ -90,7 +90,7 @@ def _stats(values: list[float]) -> tuple[float, float]:
     if not finite:
         return math.nan, math.nan
     arr = np.asarray(finite, dtype=np.float64)
-    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else math.nan
 
 
 def _methods(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -100,7 +100,7 @@ def _methods(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def summarise(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and std (ddof=1; 0 for n=1) per method x site x cohort (CN, AD, all), and pooled
+    """Mean and std (ddof=1; NaN for n=1) per method x site x cohort (CN, AD, all), and pooled
     over sites (site = "pooled"). Rows: method, site, cohort, n, <metric>, <metric>_std.
     Empty groups are left out. Order: cohort, site (pooled last), method (LD input first)."""
     sites = list(dict.fromkeys(str(r["site"]) for r in rows))
