@@ -136,9 +136,12 @@ TABLE_COLUMNS = ("site", "cohort", "n", "method", "psnr", "ssim", "nmse", "suvr_
 
 def table_rows(rows: Iterable[Mapping[str, Any]], method: str) -> list[dict[str, Any]]:
     """Round rows (``metric_rows``) -> two table rows per site and cohort: the LD input and
-    ``method`` (e.g. "federated"), with the column keys of ``TABLE_COLUMNS``."""
+    ``method`` (e.g. "federated"), with the column keys of ``TABLE_COLUMNS``. Cohorts without
+    test subjects (n = 0) are left out."""
     out: list[dict[str, Any]] = []
     for row in rows:
+        if int(row.get("n", 0)) == 0:
+            continue
         base = {"site": row["site"], "cohort": row["cohort"], "n": int(row.get("n", 0))}
         for name, prefix in (("LD input", "ld_"), (method, "")):
             out.append({**base, "method": name,

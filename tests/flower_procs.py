@@ -119,7 +119,7 @@ class ProcessSet:
 
 
 @dataclass
-class TestFederation:
+class LocalFederation:
     """A SuperLink with TLS on a free port plus helpers to add SuperNodes and submit runs."""
 
     procs: ProcessSet
@@ -129,7 +129,7 @@ class TestFederation:
     superlink: subprocess.Popen
 
     @classmethod
-    def start(cls, procs: ProcessSet) -> TestFederation:
+    def start(cls, procs: ProcessSet) -> LocalFederation:
         certs = make_certs(procs.workdir / "certs")
         port = free_port()
         home = procs.workdir / "flwr-home"
