@@ -55,7 +55,7 @@ COMMANDS: dict[str, Command] = {
         Command(
             "figure",
             "PNG of generated subjects: T1 / LD / SD for a CN and an AD subject.",
-            "m2diff.report:run_data_figure",
+            "m2diff.data.simulate.figure:run_data_figure",
             args={"png": "output PNG path (default <out>/subjects.png)"},
             keys=("data", "out"),
         ),
