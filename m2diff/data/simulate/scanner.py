@@ -67,7 +67,7 @@ def acquire(activity: np.ndarray, proj: Projector, dose: float, counts: float,
     support = proj.support
     truth = np.where(support[:, :, None], activity, 0.0).astype(np.float32)
     mean_sino = proj.forward(truth)
-    scale = counts * truth.shape[-1] / max(float(mean_sino.sum()), 1e-12)  # counts per kBq/mL
+    scale = counts * truth.shape[-1] / max(float(mean_sino.sum()), 1e-12)  # counts per unit line integral
     sd_counts = rng.poisson(np.clip(mean_sino * scale, 0.0, None))
     ld_counts = rng.binomial(sd_counts, dose)
     recon = mlem(proj, np.concatenate([sd_counts, ld_counts], axis=-1), iterations, support)

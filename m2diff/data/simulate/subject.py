@@ -40,12 +40,21 @@ def settings_grid(settings: Settings) -> Grid:
     return make_grid(settings.shape, settings.fov_mm, settings.center_mm, settings.z_mm)
 
 
+def _streams(seed: np.random.SeedSequence | int, n: int) -> list[np.random.Generator]:
+    # Like seed.spawn(n), but without advancing the caller's SeedSequence: the same seed
+    # object always gives the same subject.
+    seed = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
+    return [np.random.default_rng(np.random.SeedSequence(seed.entropy, spawn_key=(*seed.spawn_key, k)))
+            for k in range(n)]
+
+
 def simulate_subject(settings: Settings, profile: SiteProfile, diagnosis: str,
-                     seed: np.random.SeedSequence, templates: Templates | None = None) -> SubjectVolumes:
-    """Simulate one CN or AD subject scanned at ``profile``'s site."""
-    templates = templates or load_templates()
+                     seed: np.random.SeedSequence | int,
+                     templates: Templates | None = None) -> SubjectVolumes:
+    """Simulate one CN or AD subject scanned at ``profile``'s site (same seed, same subject)."""
+    templates = load_templates() if templates is None else templates
     grid = settings_grid(settings)
-    anat_rng, uptake_rng, mri_rng, scan_rng = (np.random.default_rng(s) for s in seed.spawn(4))
+    anat_rng, uptake_rng, mri_rng, scan_rng = _streams(seed, 4)
     ad = diagnosis == "AD"
 
     warp = draw_warp(anat_rng)
