@@ -132,6 +132,7 @@ def test_cli_generate_writes_layout(tmp_path, capsys):
     (["sites=0"], "generate.sites must be >= 1"),
     (["subjects=-1"], "generate.subjects must be >= 1"),
     (["shape=[32,16,8]"], "generate.shape"),
+    (["z_mm=[0,80]"], "misses the cerebellum reference region"),
 ])
 def test_cli_generate_bad_settings_one_line(tmp_path, capsys, words, message):
     assert main(["generate", f"out={tmp_path}", "size=tiny"] + words) == 2

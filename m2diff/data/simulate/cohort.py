@@ -25,8 +25,9 @@ from m2diff.config import ConfigError
 from m2diff.data.layout import ld_path, sd_path, t1_path, write_participants
 from m2diff.data.nifti import save_volume
 from m2diff.data.simulate.settings import Settings, SiteProfile, read_settings
-from m2diff.data.simulate.subject import simulate_subject
+from m2diff.data.simulate.subject import settings_grid, simulate_subject
 from m2diff.data.simulate.templates import Templates, load_templates
+from m2diff.regions import REFERENCE_REGION, ad_mask, region_mask
 
 # Distinct leading words keep the site and subject seed streams apart.
 _SITE_STREAM, _SUBJECT_STREAM = 1, 2
@@ -75,6 +76,16 @@ def plan_sites(settings: Settings, seed: int) -> list[SitePlan]:
         is_ad[rng.permutation(n)[:n_ad]] = True
         plans.append(SitePlan(index, name, profile, tuple("AD" if a else "CN" for a in is_ad)))
     return plans
+
+
+def check_coverage(settings: Settings) -> None:
+    """Raise ConfigError unless the slab holds the cerebellum reference and the AD regions."""
+    grid = settings_grid(settings)
+    for what, mask in (("the cerebellum reference region", region_mask(grid.shape, grid.affine, REFERENCE_REGION)),
+                       ("the AD regions", ad_mask(grid.shape, grid.affine))):
+        if not mask.any():
+            raise ConfigError(f"generate.z_mm={list(settings.z_mm)} with shape={list(settings.shape)} "
+                              f"misses {what} (see m2diff/regions.py)")
 
 
 def _nifti_header(description: str) -> nib.Nifti1Header:
@@ -129,9 +140,14 @@ def _run_jobs(jobs: list[SubjectJob], workers: int, templates: Templates,
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
                              initargs=(templates,)) as pool:
         futures = {pool.submit(write_subject, job): job for job in jobs}
-        for future in as_completed(futures):
-            future.result()
-            advance(futures[future])
+        try:
+            for future in as_completed(futures):
+                future.result()
+                advance(futures[future])
+        except BaseException:
+            for future in futures:  # fail fast: do not simulate the queued subjects first
+                future.cancel()
+            raise
 
 
 def generate_sites(gen_cfg: Mapping[str, Any], out: Path, seed: int,
@@ -147,6 +163,7 @@ def generate_sites(gen_cfg: Mapping[str, Any], out: Path, seed: int,
         raise ConfigError(f"seed must be >= 0, got {seed}")
     out = Path(out)
     _check_writable(out)
+    check_coverage(settings)
     plans = plan_sites(settings, seed)
     jobs = [SubjectJob(settings, plan.profile, out / plan.name, sid, dx,
                        (seed, _SUBJECT_STREAM, plan.index, i))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,15 @@ def ad_slice(shape: tuple[int, int, int], affine: np.ndarray) -> int:
     return int(np.argmax(ad_mask(shape, affine).sum(axis=(0, 1))))
 
 
+def _dose_note(header) -> str:
+    """' (5% dose)' from the description m2diff generate writes, else ''."""
+    match = re.search(r"dose ([0-9.eE+-]+)\)", bytes(header["descrip"]).decode(errors="ignore"))
+    try:
+        return f" ({float(match.group(1)):.0%} dose)" if match else ""
+    except ValueError:
+        return ""
+
+
 def draw_figure(picks: list[Pick], png: Path) -> Path:
     """Render rows = ``picks``, columns = T1 / LD / SD, to ``png`` atomically."""
     import matplotlib
@@ -79,7 +89,8 @@ def draw_figure(picks: list[Pick], png: Path) -> Path:
         z = ad_slice(sd.data.shape, sd.affine)
         vmax = float(np.percentile(sd.data, 99.8)) or 1.0
         panels = [(t1.data, "gray", float(np.percentile(t1.data, 99.8)) or 1.0, "T1w"),
-                  (ld.data, "inferno", vmax, "LD PET"), (sd.data, "inferno", vmax, "SD PET")]
+                  (ld.data, "inferno", vmax, f"LD PET{_dose_note(ld.header)}"),
+                  (sd.data, "inferno", vmax, "SD PET")]
         for ax, (data, cmap, top, title) in zip(row, panels, strict=True):
             ax.imshow(data[:, :, z].T, origin="lower", cmap=cmap, vmin=0.0, vmax=top,
                       interpolation="nearest")
