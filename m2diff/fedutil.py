@@ -8,7 +8,7 @@ the FedProx proximal term, and turning per-site metric dicts into table rows.
 from __future__ import annotations
 
 import math
-import shlex
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -26,10 +26,16 @@ def compose_run_config(run_config: Mapping[str, Any]) -> DictConfig:
     """Compose the m2diff config from a Flower run config's ``overrides`` string.
 
     The ServerApp and every ClientApp call this with the same run config, so both sides
-    train and evaluate with identical settings. ``overrides`` is shell-quoted key=value
-    words (``"model=tiny fl.rounds=1 train.steps=5"``).
+    train and evaluate with identical settings. ``overrides`` is space-separated Hydra
+    key=value words (``"model=tiny fl.rounds=1 train.steps=5"``); a value with spaces is
+    double-quoted Hydra-style (``++a.b="x y"``) and the quotes reach Hydra unchanged.
     """
-    return compose(shlex.split(str(run_config.get("overrides", "") or "")))
+    return compose(split_overrides(str(run_config.get("overrides", "") or "")))
+
+
+def split_overrides(text: str) -> list[str]:
+    """Space-separated override words; double-quoted parts are kept whole, quotes included."""
+    return re.findall(r'(?:[^\s"]|"[^"]*")+', text)
 
 
 def array_spec(arrays: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:

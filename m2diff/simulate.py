@@ -19,7 +19,7 @@ Flower is imported only inside the federated path (``m2diff`` stays Flower-free)
 from __future__ import annotations
 
 import json
-import shlex
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -76,7 +76,8 @@ def _hydra_value(value: Any) -> str:
         return "[" + ",".join(_hydra_value(v) for v in value) + "]"
     if isinstance(value, dict):
         return "{" + ",".join(f"{k}:{_hydra_value(v)}" for k, v in value.items()) + "}"
-    return json.dumps(str(value))
+    text = str(value)
+    return text if re.fullmatch(r"[\w./:+@-]+", text) else json.dumps(text)
 
 
 def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -148,7 +149,7 @@ def run_federated(cfg: DictConfig, sites: list[Path], out: Path) -> list[dict[st
         federation = {"num-supernodes": len(sites),
                       "client-resources-num-cpus": int(cpus) if cpus.is_integer() else cpus,
                       "client-resources-num-gpus": float(cfg.fl.num_gpus)}
-        run_config = {"out-dir": str(out), "overrides": shlex.join(run_overrides(cfg)),
+        run_config = {"out-dir": str(out), "overrides": " ".join(run_overrides(cfg)),
                       "sim-sites": ",".join(str(p) for p in sites)}
         run_id = ctl.submit(REPO, run_config, federation)
         print(f"m2diff simulate: Flower run {run_id}: {len(sites)} virtual sites, "

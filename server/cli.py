@@ -19,7 +19,6 @@ Keys (everything else is a Hydra override, e.g. ``model=tiny fl.rounds=5 train.s
 from __future__ import annotations
 
 import json
-import shlex
 import subprocess
 import sys
 import time
@@ -143,7 +142,7 @@ def serve(args: dict[str, str], overrides: list[str]) -> int:
                 print(f"m2diff-server: register {pub.name}: "
                       f"{'ok' if res.returncode == 0 else (res.stdout + res.stderr).strip()[-200:]}")
         app_dir = Path(args.get("app") or APP_DIR)
-        run_id = ctl.submit(app_dir, {"out-dir": str(out), "overrides": shlex.join(overrides)})
+        run_id = ctl.submit(app_dir, {"out-dir": str(out), "overrides": " ".join(overrides)})
         print(f"m2diff-server: run {run_id} submitted; waiting for {cfg.fl.min_sites} site(s)",
               flush=True)
         budget = float(cfg.fl.rounds) * 2 * float(cfg.fl.round_timeout) + 600

@@ -53,12 +53,19 @@ def flower_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, 
 
 
 def toml_value(value: Any) -> str:
-    """A TOML scalar: strings quoted (with escapes), bools lower-case, numbers as they are."""
+    """A TOML scalar as Flower's ``key=value`` parser accepts it: a quoted value may not
+    contain its own quote character and escapes are not understood, so strings become
+    literal strings ('...') or, when they hold a single quote, basic strings ("...")."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
-    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+    text = str(value)
+    if "'" not in text and "\n" not in text:
+        return f"'{text}'"
+    if '"' not in text and "\\" not in text:
+        return f'"{text}"'
+    raise FlowerError(f"cannot pass {text!r} through Flower's config syntax (both quote kinds)")
 
 
 def toml_pairs(values: Mapping[str, Any]) -> str:

@@ -1,0 +1,55 @@
+"""m2diff-server / m2diff-client argument handling, run-config quoting (no processes)."""
+
+from __future__ import annotations
+
+import shutil
+
+from flwr.common.config import parse_config_args
+
+from client.cli import main as client_main
+from client.cli import supernode_command
+from m2diff.config import compose
+from m2diff.fedutil import compose_run_config, split_overrides
+from m2diff.simulate import run_overrides
+from server.cli import main as server_main
+from server.cli import superlink_command
+from server.flwrctl import toml_pairs
+
+
+def test_run_config_round_trip_through_flowers_parser():
+    cfg = compose(["model=unet", "train.steps=5", "fl.rounds=1", "data.split=[0.5,0.25,0.25]"])
+    overrides = " ".join(run_overrides(cfg))
+    values = {"out-dir": "/abs/out dir", "overrides": overrides}
+    parsed = parse_config_args([toml_pairs(values)])
+    assert parsed == values
+    again = compose_run_config(parsed)
+    assert again.model == cfg.model and again.train == cfg.train
+    assert list(again.data.split) == [0.5, 0.25, 0.25]
+    assert split_overrides('++a="x y" b=1') == ['++a="x y"', "b=1"]
+
+
+def test_superlink_command_defaults_to_tls_and_refuses_bad_combinations(tmp_path, capsys):
+    for name in ("ca.crt", "s.crt", "s.key"):
+        (tmp_path / name).write_text("x")
+    cmd = superlink_command({"ca": str(tmp_path / "ca.crt"), "cert": str(tmp_path / "s.crt"),
+                             "key": str(tmp_path / "s.key"), "auth": "true"}, 9000)
+    assert "--ssl-certfile" in cmd and "--enable-supernode-auth" in cmd
+    assert "--disable-runtime-dependency-installation" in cmd and "--insecure" not in cmd
+    assert server_main([f"out={tmp_path}/o"]) == 2  # no certificates given
+    assert "insecure=true" in capsys.readouterr().err
+    assert server_main([f"out={tmp_path}/o", "insecure=true", "auth=true"]) == 2
+    assert server_main([f"out={tmp_path}/o", "insecure=true", "model=nope"]) == 2
+
+
+def test_client_refuses_unusable_site(tmp_path, tiny_sites, capsys):
+    empty = tmp_path / "empty-site"
+    empty.mkdir()
+    assert client_main(["superlink=127.0.0.1:1", "insecure=true", f"data={empty}"]) == 1
+    assert "no usable subjects" in capsys.readouterr().err
+    site = tmp_path / "site"
+    shutil.copytree(tiny_sites[0], site)
+    assert client_main(["superlink=h:8000", f"data={site}"]) == 2  # TLS needs the CA
+    cmd = supernode_command({"superlink": "h:8000", "insecure": "true", "data": str(site),
+                             "port": "9100"}, "hospital-a")
+    assert cmd[cmd.index("--node-config") + 1] == f"data-path='{site}' site-name='hospital-a'"
+    assert "--insecure" in cmd and cmd[cmd.index("--port") + 1] == "9100"
