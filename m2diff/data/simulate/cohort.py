@@ -8,6 +8,7 @@ which subjects finish.
 
 from __future__ import annotations
 
+import errno
 import math
 import multiprocessing
 import os
@@ -120,7 +121,7 @@ def write_subject(job: SubjectJob) -> str:
 def _check_writable(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if not os.access(out, os.W_OK | os.X_OK):
-        raise PermissionError(f"cannot write to {out}: permission denied")
+        raise PermissionError(errno.EACCES, "permission denied", str(out))
 
 
 def _run_jobs(jobs: list[SubjectJob], workers: int, templates: Templates,
@@ -161,9 +162,9 @@ def generate_sites(gen_cfg: Mapping[str, Any], out: Path, seed: int,
     seed = int(seed)
     if seed < 0:
         raise ConfigError(f"seed must be >= 0, got {seed}")
+    check_coverage(settings)
     out = Path(out)
     _check_writable(out)
-    check_coverage(settings)
     plans = plan_sites(settings, seed)
     jobs = [SubjectJob(settings, plan.profile, out / plan.name, sid, dx,
                        (seed, _SUBJECT_STREAM, plan.index, i))
