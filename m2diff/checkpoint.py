@@ -1,0 +1,167 @@
+"""Checkpoints: one ``.pt`` file holding weights, the model config and free-form extras.
+
+```
+{"format": "m2diff-checkpoint/1",
+ "model": state_dict,         # EMA weights when an EMA is given; bare names, no wrapper prefixes
+ "model_cfg": {...},          # plain container of cfg.model: enough to rebuild the model
+ "cfg": {...},                # the rest of the run's config (data.norm_percentile, sample, ...),
+                              # without data.path / data.cache_dir (no site paths leave a site)
+ "extra": {...}}              # e.g. step, optimizer state, raw weights for resuming, round
+```
+Saving is atomic (temp file in the same folder, flush + fsync, ``os.replace``), so a kill at
+any moment leaves the previous checkpoint intact. Loading is ``weights_only`` and every failure
+is a ``CheckpointError`` that names the file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from m2diff.config import ConfigError
+from m2diff.model import build_model, unwrap_model
+
+FORMAT = "m2diff-checkpoint/1"
+_PREFIXES = ("_module.", "module.", "_orig_mod.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, foreign or for another architecture."""
+
+
+def clean_state_dict(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Detached CPU copies with wrapper prefixes ('_module.', 'module.', '_orig_mod.') removed."""
+    out = {}
+    for key, value in state.items():
+        while key.startswith(_PREFIXES):
+            key = key.split(".", 1)[1]
+        out[key] = value.detach().cpu().clone()
+    return out
+
+
+def _model_cfg(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """cfg.model as a plain dict (accepts the whole config or the model section)."""
+    section = cfg.get("model", cfg) if "arch" not in cfg else cfg
+    if isinstance(section, DictConfig):
+        return OmegaConf.to_container(section, resolve=True)  # type: ignore[return-value]
+    return dict(section)
+
+
+def _run_cfg(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """The whole config as a plain dict, site paths removed; {} for a bare model section."""
+    if "arch" in cfg:
+        return {}
+    full = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    data = full.get("data")
+    if isinstance(data, dict):
+        full["data"] = {k: v for k, v in data.items() if k not in ("path", "cache_dir")}
+    return full
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, cfg: DictConfig | Mapping[str, Any],
+                    *, ema: nn.Module | None = None, **extra: Any) -> Path:
+    """Write ``path`` atomically. ``model`` (or ``ema``, the averaged copy, when given) supplies
+    the weights; ``cfg`` is the whole config (or its model section); ``extra`` must hold only
+    tensors and plain Python containers (it is loaded with ``weights_only=True``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    weights = unwrap_model(ema if ema is not None else model).state_dict()
+    payload = {"format": FORMAT, "model": clean_state_dict(weights), "model_cfg": _model_cfg(cfg),
+               "cfg": _run_cfg(cfg), "extra": extra}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+    return path
+
+
+def check_compatible(state: Mapping[str, Tensor], model: nn.Module, where: str) -> None:
+    """Raise CheckpointError unless ``state`` has exactly ``model``'s keys and shapes."""
+    expected = {k: tuple(v.shape) for k, v in unwrap_model(model).state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    missing = sorted(expected.keys() - got.keys())
+    unexpected = sorted(got.keys() - expected.keys())
+    shapes = sorted(k for k in expected.keys() & got.keys() if expected[k] != got[k])
+    if missing or unexpected or shapes:
+        detail = []
+        if missing:
+            detail.append(f"{len(missing)} missing weights (e.g. {missing[0]})")
+        if unexpected:
+            detail.append(f"{len(unexpected)} unexpected weights (e.g. {unexpected[0]})")
+        if shapes:
+            k = shapes[0]
+            detail.append(f"{len(shapes)} shape mismatches (e.g. {k}: {got[k]} vs {expected[k]})")
+        raise CheckpointError(f"{where}: weights do not fit the model architecture: "
+                              + "; ".join(detail))
+
+
+def load_checkpoint(path: str | os.PathLike,
+                    model_cfg: DictConfig | Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Read and check a checkpoint: a dict with "format", "model", "model_cfg", "extra" (whose
+    keys are also copied to the top level where free). With ``model_cfg`` (the whole config or its model section),
+    also check that its weights fit the model that config builds (e.g. before resuming)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, bad pickle, foreign format, ...
+        raise CheckpointError(f"{path}: unreadable checkpoint (truncated or corrupt?): "
+                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                              ) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an m2diff checkpoint (expected format {FORMAT})")
+    if not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("model_cfg"), dict):
+        raise CheckpointError(f"{path}: m2diff checkpoint without weights or model config")
+    ckpt.setdefault("extra", {})
+    for key, value in ckpt["extra"].items():  # convenience: ckpt["round"] as well as ckpt["extra"]["round"]
+        ckpt.setdefault(key, value)
+    if model_cfg is not None:
+        wanted = _model_cfg(model_cfg)
+        stored = ckpt["model_cfg"].get("arch")
+        if stored != wanted.get("arch"):
+            raise CheckpointError(f"{path}: holds a model.arch={stored} model, "
+                                  f"this run uses model.arch={wanted.get('arch')}")
+        check_compatible(ckpt["model"], _build(wanted, path), str(path))
+    return ckpt
+
+
+def _build(model_cfg: Mapping[str, Any], path: Path) -> nn.Module:
+    try:
+        return build_model(model_cfg)
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: stored model config cannot build a model: {exc}") from None
+
+
+def load_model(path: str | os.PathLike, device: torch.device | str = "cpu"
+               ) -> tuple[nn.Module, DictConfig]:
+    """Rebuild the model from the checkpoint's own model config; return it in eval mode on
+    ``device`` with the stored run config (a DictConfig whose ``.model`` built it; ``.data``
+    holds e.g. ``norm_percentile`` when the saver passed the whole config)."""
+    path = Path(path)
+    ckpt = load_checkpoint(path)
+    model = _build(ckpt["model_cfg"], path)
+    check_compatible(ckpt["model"], model, str(path))
+    model.load_state_dict(ckpt["model"])
+    stored = ckpt.get("cfg") if isinstance(ckpt.get("cfg"), dict) else {}
+    return model.to(device).eval(), OmegaConf.create({**stored, "model": ckpt["model_cfg"]})

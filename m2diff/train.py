@@ -1,0 +1,375 @@
+"""Training: ``train_steps`` (the one loop of local, centralised and federated training) and
+``m2diff train`` (``run_train``: resumable centralised training on site folders).
+
+What ``m2diff train`` writes to ``cfg.out``: checkpoint.pt (EMA weights for inference plus the
+raw weights, optimizer state and step for resuming; every ``train.checkpoint_every`` steps and at
+the end), loss.csv (step, loss) and loss.png. Run the same command again to continue.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+from m2diff.checkpoint import CheckpointError, clean_state_dict, load_checkpoint, save_checkpoint
+from m2diff.config import ConfigError, resolve_path
+from m2diff.device import resolve_device
+from m2diff.model import build_model, count_parameters, unwrap_model
+from m2diff.model.diffusion import make_scheduler, training_loss
+
+__all__ = ["EMA", "TrainResult", "make_optimizer", "resolve_device", "run_train", "train_steps"]
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainResult:
+    """What one ``train_steps`` call did.
+
+    ``num_examples`` is ``len(slices)``, the site's number of training slices: the FedAvg
+    weight (slices *seen* would be steps * batch_size, the same for every site).
+    """
+
+    loss: float  # mean of ``losses``
+    num_examples: int
+    steps: int
+    seconds: float
+    losses: list[float] = field(default_factory=list)  # one per step
+    logs: dict[str, float] = field(default_factory=dict)  # per-term means (mse_pet, ...)
+    optimizer: torch.optim.Optimizer | None = None  # to continue with the same state
+    ema: EMA | None = None
+
+
+class EMA:
+    """Exponential moving average of a model's weights (``.module`` is the averaged copy).
+
+    Uses the usual warm-up ``min(decay, (1 + n) / (10 + n))``: with a plain 0.999 a few hundred
+    steps (a federated round) would leave the average mostly at the initial weights.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = float(decay)
+        self.num_updates = 0
+        self.module = copy.deepcopy(unwrap_model(model)).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.num_updates += 1
+        n = self.num_updates
+        decay = min(self.decay, (1 + n) / (10 + n))
+        source = unwrap_model(model).state_dict()
+        for key, value in self.module.state_dict().items():  # tensors share the copy's storage
+            if value.dtype.is_floating_point:
+                value.lerp_(source[key].to(value.dtype), 1.0 - decay)
+            else:
+                value.copy_(source[key])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "num_updates": self.num_updates,
+                "model": clean_state_dict(self.module.state_dict())}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.num_updates = int(state["num_updates"])
+        self.module.load_state_dict(state["model"])
+
+
+def make_optimizer(model: nn.Module, train_cfg: Any) -> torch.optim.Optimizer:
+    """Adam or AdamW (``train.optimizer``) with ``train.lr`` and ``train.weight_decay``."""
+    name = str(train_cfg.get("optimizer", "adam")).lower()
+    kwargs = dict(lr=float(train_cfg.lr), weight_decay=float(train_cfg.get("weight_decay", 0.0)))
+    if name == "adam":
+        return torch.optim.Adam(model.parameters(), **kwargs)
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), **kwargs)
+    raise ConfigError(f"train.optimizer={name!r}: expected adam or adamw")
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) % 2**63 for p in parts]).generate_state(1, np.uint64)[0]
+               % 2**63)
+
+
+class _WithT1Flag(Dataset):
+    """Adds "has_t1" (bool) to each item, so subjects without a T1 train MRI-free."""
+
+    def __init__(self, base: Dataset, has_t1: np.ndarray) -> None:
+        self.base, self.has_t1 = base, has_t1
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {**self.base[i], "has_t1": torch.tensor(bool(self.has_t1[i]))}
+
+
+def _batches(slices: Any, batch_size: int, steps: int, seed: int, num_workers: int,
+             pin: bool) -> Iterator[dict[str, Tensor]]:
+    """``steps`` random minibatches: shuffled epochs of ``slices.torch_dataset()`` (seeded)."""
+    dataset = slices.torch_dataset()
+    has_t1 = getattr(slices, "has_t1", None)
+    if getattr(slices, "t1", None) is not None and has_t1 is not None and not np.all(has_t1):
+        dataset = _WithT1Flag(dataset, np.asarray(has_t1))
+    if len(dataset) == 0:
+        raise ValueError("no training slices")
+    sampler = RandomSampler(dataset, num_samples=steps * batch_size,
+                            generator=torch.Generator().manual_seed(seed))
+    yield from DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                          num_workers=num_workers, pin_memory=pin)
+
+
+def _amp(device: torch.device, enabled: bool) -> torch.dtype | None:
+    if device.type != "cuda" or not enabled:
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _progress_bar() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(),
+                    TimeRemainingColumn())
+
+
+def train_steps(model: nn.Module, slices: Any, cfg: DictConfig, steps: int,
+                optimizer: torch.optim.Optimizer | None = None, ema: EMA | None = None,
+                device: torch.device | str | None = None, progress: bool | Progress = True,
+                step_offset: int | None = None) -> TrainResult:
+    """Train ``model`` in place for ``steps`` optimiser steps on random minibatches of ``slices``.
+
+    - batches of ``train.batch_size`` slices from ``slices.torch_dataset()``, shuffled per epoch;
+      batch order, noise, timesteps and MRI dropout are seeded by (``cfg.seed``, ``step_offset``);
+      ``step_offset=None`` draws the offset from torch's global RNG, so a caller that seeds it
+      (``torch.manual_seed(seed * 1000 + round)``) gets different, reproducible rounds;
+    - ``optimizer`` defaults to ``make_optimizer(model, cfg.train)``; gradients are clipped to
+      ``train.grad_clip`` (except under an Opacus DPOptimizer, which clips per sample);
+    - on CUDA only: autocast (bf16, else fp16 with loss scaling) when ``train.amp`` and
+      channels_last when ``train.channels_last``;
+    - ``ema`` is updated after each step; with ``ema=None`` and ``train.ema_decay > 0`` a new
+      one starts from the current weights (returned in the result).
+    The model stays on ``device`` (default ``cfg.device``) in train mode, contiguous memory format.
+    """
+    device = resolve_device(cfg.get("device", "auto") if device is None else device)
+    tcfg = cfg.train
+    if step_offset is None:
+        step_offset = int(torch.randint(0, 2**62, (1,)))
+    model.to(device).train()
+    if device.type == "cuda" and tcfg.get("channels_last", False):
+        model.to(memory_format=torch.channels_last)
+    if optimizer is None:
+        optimizer = make_optimizer(model, tcfg)
+    if ema is None and float(tcfg.get("ema_decay", 0.0)) > 0:
+        ema = EMA(model, float(tcfg.ema_decay))
+    if ema is not None:
+        ema.module.to(device)
+    amp_dtype = _amp(device, bool(tcfg.get("amp", False)))
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    clip = float(tcfg.get("grad_clip", 0.0) or 0.0)
+    per_sample_clipping = hasattr(optimizer, "noise_multiplier")  # Opacus DPOptimizer
+    scheduler = make_scheduler(cfg.model)
+    noise_gen = torch.Generator(device=device).manual_seed(_seed(cfg.seed, step_offset, 1))
+    batches = _batches(slices, int(tcfg.batch_size), steps, _seed(cfg.seed, step_offset, 0),
+                       int(tcfg.get("num_workers", 0)), pin=device.type == "cuda")
+
+    bar = _progress_bar() if progress is True else (progress or None)
+    task = bar.add_task("train", total=steps, loss=float("nan")) if bar is not None else None
+    losses: list[float] = []
+    sums: dict[str, float] = {}
+    start = time.perf_counter()
+    with bar if progress is True else nullcontext():  # type: ignore[union-attr]
+        for batch in batches:
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            if device.type == "cuda" and tcfg.get("channels_last", False):
+                batch = {k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v
+                         for k, v in batch.items()}
+            if "sd" not in batch:
+                raise ValueError("training needs standard-dose PET slices (the set has no SD)")
+            batch.setdefault("t1", None)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else nullcontext():
+                loss, logs = training_loss(model, batch, cfg.model, scheduler, noise_gen)
+            scaler.scale(loss).backward()
+            if clip > 0 and not per_sample_clipping:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            scaler.step(optimizer)
+            scaler.update()
+            if ema is not None:
+                ema.update(model)
+            losses.append(logs["loss"])
+            for key, value in logs.items():
+                sums[key] = sums.get(key, 0.0) + value
+            if bar is not None:
+                bar.update(task, advance=1, loss=logs["loss"])
+    if bar is not None and progress is not True:
+        bar.remove_task(task)
+    if device.type == "cuda":
+        model.to(memory_format=torch.contiguous_format)
+    n = max(len(losses), 1)
+    return TrainResult(loss=float(np.mean(losses)) if losses else float("nan"),
+                       num_examples=len(slices), steps=len(losses),
+                       seconds=time.perf_counter() - start, losses=losses,
+                       logs={k: v / n for k, v in sums.items()}, optimizer=optimizer, ema=ema)
+
+
+# --------------------------------------------------------------------------- m2diff train
+
+
+def _site_paths(cfg: DictConfig) -> list[Path]:
+    value = cfg.data.get("path")
+    if value is None or value == "" or (not isinstance(value, str) and len(value) == 0):
+        raise ConfigError("no data: give one or more site folders, data=SITE_DIR or "
+                          "data.path=[DIR1,DIR2]")
+    values = [value] if isinstance(value, str | Path) else list(value)
+    paths = [resolve_path(v) for v in values]
+    for path in paths:
+        if path is None or not path.is_dir():
+            raise ConfigError(f"data: {path} is not a folder")
+    return paths  # type: ignore[return-value]
+
+
+def load_train_slices(cfg: DictConfig, stride: int) -> tuple[Any, list[str]]:
+    """The train split of every site in ``cfg.data.path`` as one SliceSet, and the site names.
+    Problems found by validation are printed (one line each) and their subjects skipped."""
+    from m2diff.data.dataset import SliceSet, load_slices
+    from m2diff.data.validate import validate_site
+
+    sets, names = [], []
+    for root in _site_paths(cfg):
+        site, problems = validate_site(root, require_sd=True)
+        for problem in problems:
+            print(f"m2diff train: skipped: {problem}", file=sys.stderr)
+        if not site.subjects:
+            raise ConfigError(f"{root}: no usable subjects with an SD PET (see m2diff check data={root})")
+        slices = load_slices(site, "train", cfg.data, int(cfg.seed), stride)
+        if len(slices) == 0:
+            print(f"m2diff train: {root}: no training slices, skipped", file=sys.stderr)
+            continue
+        if slices.sd is None:
+            raise ConfigError(f"{root}: some training subjects have no standard-dose PET")
+        sets.append(slices)
+        names.append(site.name)
+    if not sets:
+        raise ConfigError("no training slices in " + ", ".join(map(str, _site_paths(cfg))))
+    return (sets[0] if len(sets) == 1 else SliceSet.concat(sets)), names
+
+
+def _read_losses(path: Path, upto: int) -> list[float]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= upto]
+    return [float(r["loss"]) for r in rows]
+
+
+def _write_losses(path: Path, losses: list[float]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["step", "loss"])
+        writer.writerows((i + 1, f"{v:.6g}") for i, v in enumerate(losses))
+    tmp.replace(path)
+
+
+def plot_losses(path: Path, losses: list[float], title: str) -> None:
+    """Loss per step (log scale) with a moving average."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    steps = np.arange(1, len(losses) + 1)
+    ax.plot(steps, losses, lw=0.6, alpha=0.4, label="per step")
+    window = max(1, min(50, len(losses) // 10))
+    if window > 1:
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1:], smooth, lw=1.5, label=f"mean of {window}")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run_train(cfg: DictConfig, args: dict[str, str]) -> int:
+    """``m2diff train data=SITE_DIR [model=...] [train.steps=...] [out=...]``; resumes from
+    ``<out>/checkpoint.pt`` when it exists (same architecture required)."""
+    del args
+    torch.manual_seed(int(cfg.seed))
+    model = build_model(cfg.model)
+    slices, sites = load_train_slices(cfg, int(model.stride))
+    device = resolve_device(cfg.device)
+    out = resolve_path(cfg.out)
+    assert out is not None
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path, csv_path = out / CHECKPOINT, out / "loss.csv"
+
+    model.to(device)
+    optimizer = make_optimizer(model, cfg.train)
+    decay = float(cfg.train.get("ema_decay", 0.0))
+    ema = EMA(model, decay) if decay > 0 else None
+    step, losses = 0, []
+    if ckpt_path.exists():
+        try:
+            resume = load_checkpoint(ckpt_path, cfg.model)["extra"].get("resume")
+        except CheckpointError as exc:
+            raise ConfigError(f"{exc} (to start afresh use another out= or remove it)") from None
+        if not resume:
+            raise ConfigError(f"{ckpt_path}: holds no training state to resume (not written by "
+                              "m2diff train); use another out=")
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        if ema is not None and resume.get("ema"):
+            ema.load_state_dict(resume["ema"])
+        step = int(resume["step"])
+        losses = _read_losses(csv_path, step)
+        print(f"m2diff train: resuming from {ckpt_path} at step {step}")
+
+    total, every = int(cfg.train.steps), max(1, int(cfg.train.checkpoint_every))
+    arch = str(cfg.model.arch)
+    print(f"m2diff train: {arch} ({count_parameters(model):,} parameters) on {len(slices)} slices "
+          f"{slices.size[0]}x{slices.size[1]} from {', '.join(sites)}; device {device}; "
+          f"steps {step} -> {total}")
+    with _progress_bar() as bar:
+        while step < total:
+            n = min(every - step % every, total - step)
+            # step_offset=step: an interrupted and resumed run draws what an uninterrupted one would
+            result = train_steps(model, slices, cfg, n, optimizer=optimizer, ema=ema, device=device,
+                                 progress=bar, step_offset=step)
+            step += n
+            losses += result.losses
+            save_checkpoint(ckpt_path, model, cfg, ema=ema.module if ema is not None else None,
+                            step=step, sites=sites, resume={
+                                "step": step, "model": clean_state_dict(model.state_dict()),
+                                "optimizer": optimizer.state_dict(),
+                                "ema": ema.state_dict() if ema is not None else None})
+            _write_losses(csv_path, losses)
+    if losses:
+        plot_losses(out / "loss.png", losses, f"m2diff train: {arch}, {len(slices)} slices")
+        tail = losses[-min(len(losses), 50):]
+        print(f"m2diff train: step {step}, loss (mean of last {len(tail)}) {np.mean(tail):.4f}; "
+              f"wrote {ckpt_path}, {csv_path}, {out / 'loss.png'}")
+    return 0
