@@ -11,6 +11,8 @@ Keys:
   data=SITE_DIR              the site folder (required); site=NAME (default: folder name)
   auth-key=PATH              SuperNode authentication private key (its .pub registered by the coordinator)
   port=9094                  local ClientApp I/O port (each SuperNode on a host needs its own)
+  threads=N                  torch CPU threads per ClientApp (default: all cores; use fewer when
+                             several SuperNodes or other jobs share the machine)
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from m2diff.data.validate import validate_site
 from server.cli import parse_words, truthy
 from server.flwrctl import flower_env, toml_pairs, tool
 
-KEYS = {"superlink", "root-certificates", "insecure", "data", "site", "auth-key", "port"}
+KEYS = {"superlink", "root-certificates", "insecure", "data", "site", "auth-key", "port", "threads"}
 
 
 def supernode_command(args: dict[str, str], site_name: str) -> list[str]:
@@ -78,7 +80,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(f"m2diff-client: starting SuperNode for site {args.get('site') or site.name} "
           f"-> {args['superlink']}", flush=True)
-    os.execvpe(cmd[0], cmd, flower_env(resolve_path(os.environ.get("FLWR_HOME", "~/.flwr"))))
+    threads = {"OMP_NUM_THREADS": args["threads"], "MKL_NUM_THREADS": args["threads"]} \
+        if args.get("threads") else {}
+    os.execvpe(cmd[0], cmd, flower_env(resolve_path(os.environ.get("FLWR_HOME", "~/.flwr")),
+                                       threads))
     return 0  # not reached
 
 

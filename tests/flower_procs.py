@@ -134,7 +134,9 @@ class LocalFederation:
         port = free_port()
         home = procs.workdir / "flwr-home"
         write_connection(home, "test", f"127.0.0.1:{port}", root_certificates=certs.ca)
-        env = flower_env(home)
+        # One torch thread per process: several ClientApps share 2 cores here, and torch's
+        # default (all cores each) oversubscribes them, 10-30x slower.
+        env = flower_env(home, {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
         link = procs.start("superlink", [
             tool("flower-superlink"), "--host", "127.0.0.1", "--port", str(port),
             "--ssl-ca-certfile", str(certs.ca), "--ssl-certfile", str(certs.cert),
