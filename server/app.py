@@ -18,6 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 from omegaconf import DictConfig
 
+from m2diff.checkpoint import check_compatible
 from m2diff.config import resolve_path
 from m2diff.fedutil import array_spec, compose_run_config, format_site_table, metric_rows
 from m2diff.model import build_model
@@ -61,6 +62,7 @@ def main(grid: Grid, context: Context) -> None:
     first = 1
     resume = load_resume(out) if cfg.fl.resume else None
     if resume is not None:
+        check_compatible(resume.state_dict, model, str(out / "checkpoint.pt"))
         model.load_state_dict(resume.state_dict)
         first = resume.round + 1
         log(INFO, "resuming from %s after round %d", out / "checkpoint.pt", resume.round)
