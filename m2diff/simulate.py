@@ -212,9 +212,10 @@ def run_without_flower(cfg: DictConfig, sites: list[Path], out: Path) -> list[di
               f"{len(slices)} slices", flush=True)
         result = train_steps(model, slices, cfg, total, device=device, progress=True)
         # EMA weights for evaluation, like m2diff train's checkpoint.
-        eval_model = result.ema.module if result.ema is not None else model
-        save_checkpoint(out / f"checkpoint-{name}.pt", model, cfg,
-                        ema=result.ema.module if result.ema is not None else None, steps=total)
+        eval_model = model
+        if result.ema is not None:
+            eval_model = result.ema.copy_to(build_model(cfg.model).to(device))
+        save_checkpoint(out / f"checkpoint-{name}.pt", eval_model, cfg, steps=total)
         targets = usable if cfg.fl.mode == "centralized" else group
         for site in targets:
             rows += _evaluate(eval_model, cfg, site, device, rounds)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -20,9 +21,10 @@ SMALL = ["fl.rounds=1", "train.steps=2", "train.batch_size=4", "sample.steps=2",
 @pytest.mark.slow
 def test_simulate_federated_smallest(tmp_path, tiny_sites):
     data = "data.path=[" + ",".join(str(p) for p in tiny_sites) + "]"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # Ray gives each virtual site 1 thread too
     proc = subprocess.run([sys.executable, "-m", "m2diff.cli", "simulate", data,
                            f"out={tmp_path}", *SMALL], capture_output=True, text=True,
-                          timeout=420, cwd=tmp_path)
+                          timeout=420, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads((tmp_path / "federated" / "rounds.json").read_text())
     assert {r["site"] for r in rows} == {p.name for p in tiny_sites}
@@ -30,8 +32,19 @@ def test_simulate_federated_smallest(tmp_path, tiny_sites):
     assert (tmp_path / "federated" / "checkpoint.pt").is_file()
 
 
+@pytest.fixture
+def one_thread():
+    """torch's default (all cores) oversubscribes 2 shared cores: ~10x slower here."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("mode", ["centralized", "local"])
-def test_simulate_without_flower(tmp_path, tiny_sites, mode, capsys):
+def test_simulate_without_flower(tmp_path, tiny_sites, mode, capsys, one_thread):
     from m2diff.cli import main
 
     data = "data.path=[" + ",".join(str(p) for p in tiny_sites) + "]"
