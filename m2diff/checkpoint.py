@@ -65,13 +65,16 @@ def _run_cfg(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, cfg: DictConfig | Mapping[str, Any],
-                    *, ema: nn.Module | None = None, **extra: Any) -> Path:
-    """Write ``path`` atomically. ``model`` (or ``ema``, the averaged copy, when given) supplies
-    the weights; ``cfg`` is the whole config (or its model section); ``extra`` must hold only
+                    *, ema: nn.Module | Mapping[str, Tensor] | None = None, **extra: Any) -> Path:
+    """Write ``path`` atomically. ``model`` (or ``ema``, averaged weights as a module or a state
+    dict such as ``train.EMA.shadow``, when given) supplies the weights; ``cfg`` is the whole config (or its model section); ``extra`` must hold only
     tensors and plain Python containers (it is loaded with ``weights_only=True``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    weights = unwrap_model(ema if ema is not None else model).state_dict()
+    if ema is None:
+        weights = unwrap_model(model).state_dict()
+    else:
+        weights = unwrap_model(ema).state_dict() if isinstance(ema, nn.Module) else ema
     payload = {"format": FORMAT, "model": clean_state_dict(weights), "model_cfg": _model_cfg(cfg),
                "cfg": _run_cfg(cfg), "extra": extra}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

@@ -8,7 +8,6 @@ the end), loss.csv (step, loss) and loss.png. Run the same command again to cont
 
 from __future__ import annotations
 
-import copy
 import csv
 import sys
 import time
@@ -62,7 +61,9 @@ class TrainResult:
 
 
 class EMA:
-    """Exponential moving average of a model's weights (``.module`` is the averaged copy).
+    """Exponential moving average of a model's weights, kept as a state dict (``shadow``)
+    beside the model: no module copy, so nothing of an Opacus wrapper (hooks, per-sample
+    gradients) is duplicated.
 
     Uses the usual warm-up ``min(decay, (1 + n) / (10 + n))``: with a plain 0.999 a few hundred
     steps (a federated round) would leave the average mostly at the initial weights.
@@ -71,27 +72,37 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = float(decay)
         self.num_updates = 0
-        self.module = copy.deepcopy(unwrap_model(model)).eval().requires_grad_(False)
+        self.shadow = {k: v.detach().clone() for k, v in unwrap_model(model).state_dict().items()}
+
+    def to(self, device: torch.device | str) -> EMA:
+        self.shadow = {k: v.to(device) for k, v in self.shadow.items()}
+        return self
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         self.num_updates += 1
         n = self.num_updates
         decay = min(self.decay, (1 + n) / (10 + n))
-        source = unwrap_model(model).state_dict()
-        for key, value in self.module.state_dict().items():  # tensors share the copy's storage
-            if value.dtype.is_floating_point:
-                value.lerp_(source[key].to(value.dtype), 1.0 - decay)
+        for key, value in unwrap_model(model).state_dict().items():
+            avg = self.shadow[key]
+            if avg.dtype.is_floating_point:
+                avg.lerp_(value.detach().to(avg.dtype), 1.0 - decay)
             else:
-                value.copy_(source[key])
+                avg.copy_(value)
+
+    def copy_to(self, model: nn.Module) -> nn.Module:
+        """Load the averaged weights into ``model`` (e.g. a fresh one for evaluation)."""
+        unwrap_model(model).load_state_dict(self.shadow)
+        return model
 
     def state_dict(self) -> dict[str, Any]:
         return {"decay": self.decay, "num_updates": self.num_updates,
-                "model": clean_state_dict(self.module.state_dict())}
+                "model": clean_state_dict(self.shadow)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.num_updates = int(state["num_updates"])
-        self.module.load_state_dict(state["model"])
+        device = next(iter(self.shadow.values())).device if self.shadow else "cpu"
+        self.shadow = {k: v.to(device).clone() for k, v in state["model"].items()}
 
 
 def make_optimizer(model: nn.Module, train_cfg: Any) -> torch.optim.Optimizer:
@@ -180,7 +191,7 @@ def train_steps(model: nn.Module, slices: Any, cfg: DictConfig, steps: int,
     if ema is None and float(tcfg.get("ema_decay", 0.0)) > 0:
         ema = EMA(model, float(tcfg.ema_decay))
     if ema is not None:
-        ema.module.to(device)
+        ema.to(device)
     amp_dtype = _amp(device, bool(tcfg.get("amp", False)))
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     clip = float(tcfg.get("grad_clip", 0.0) or 0.0)
@@ -361,7 +372,7 @@ def run_train(cfg: DictConfig, args: dict[str, str]) -> int:
                                  progress=bar, step_offset=step)
             step += n
             losses += result.losses
-            save_checkpoint(ckpt_path, model, cfg, ema=ema.module if ema is not None else None,
+            save_checkpoint(ckpt_path, model, cfg, ema=ema.shadow if ema is not None else None,
                             step=step, sites=sites, resume={
                                 "step": step, "model": clean_state_dict(model.state_dict()),
                                 "optimizer": optimizer.state_dict(),

@@ -16,6 +16,7 @@ from m2diff.cli import main
 from m2diff.config import ConfigError
 from m2diff.model import build_model
 from m2diff.train import EMA, run_train, train_steps
+from tests.model.conftest import _one_torch_thread  # noqa: F401  (autouse fixture)
 from tests.model.helpers import cfg_for, fake_slices
 
 
@@ -23,7 +24,7 @@ def test_tiny_m2diff_overfits_a_few_slices():
     cfg = cfg_for("tiny", "train.lr=2e-3", "train.batch_size=8", "train.ema_decay=0")
     torch.manual_seed(0)
     model = build_model(cfg.model)
-    result = train_steps(model, fake_slices(4, 16, 16), cfg, 120, progress=False, step_offset=0)
+    result = train_steps(model, fake_slices(4, 12, 12), cfg, 120, progress=False, step_offset=0)
     first, last = np.mean(result.losses[:10]), np.mean(result.losses[-20:])
     assert first / last > 5, (first, last)
 
@@ -42,6 +43,9 @@ def test_result_fields_seeding_and_ema():
     assert a.loss == pytest.approx(np.mean(a.losses)) and a.seconds > 0
     assert set(a.logs) == {"loss", "mse_pet", "mse_mri", "consistency"}
     assert isinstance(a.ema, EMA) and a.ema.num_updates == 3 and a.optimizer is not None
+    trained = build_model(cfg.model)
+    a.ema.copy_to(trained)
+    assert all(torch.equal(v, a.ema.shadow[k]) for k, v in trained.state_dict().items())
     # with step_offset=None the offset comes from torch's global RNG (seeded by the caller)
     losses = []
     for _ in range(2):
