@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -124,7 +126,9 @@ def run_federated(cfg: DictConfig, sites: list[Path], out: Path) -> list[dict[st
     )
 
     out.mkdir(parents=True, exist_ok=True)
-    home = out / ".flwr-home"
+    # A private FLWR_HOME outside out-dir: Flower installs the app bundle there, and a copy
+    # of the sources inside a folder of the app would end up in the next bundle.
+    home = Path(tempfile.mkdtemp(prefix="m2diff-flwr-"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
@@ -166,6 +170,7 @@ def run_federated(cfg: DictConfig, sites: list[Path], out: Path) -> list[dict[st
             raise FlowerError(f"federated run {text}; see {out}/superlink.log")
     finally:
         stop_group(link)
+        shutil.rmtree(home, ignore_errors=True)
     rows = json.loads((out / "rounds.json").read_text()) if (out / "rounds.json").is_file() else []
     last = max((int(r["round"]) for r in rows), default=0)
     return [r for r in rows if int(r["round"]) == last]

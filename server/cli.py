@@ -19,8 +19,10 @@ Keys (everything else is a Hydra override, e.g. ``model=tiny fl.rounds=5 train.s
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -122,7 +124,9 @@ def serve(args: dict[str, str], overrides: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     port = int(args.get("port", 8000))
     cmd = superlink_command(args, port)
-    home = out / ".flwr-home"
+    # A private FLWR_HOME outside out-dir: Flower installs the app bundle there, and a copy
+    # of the sources inside a folder of the app would end up in the next bundle.
+    home = Path(tempfile.mkdtemp(prefix="m2diff-flwr-"))
     address = args.get("address") or f"127.0.0.1:{port}"
     insecure = truthy(args.get("insecure"))
     write_connection(home, "m2diff", address, resolve_path(args.get("ca")), insecure=insecure)
@@ -153,6 +157,7 @@ def serve(args: dict[str, str], overrides: list[str]) -> int:
         return 0 if ok else 1
     finally:
         stop_group(link)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -43,13 +43,18 @@ def _serialized(msg: Message) -> bytes:
 @pytest.fixture(scope="module")
 def replies(tiny_sites, tiny_cfg):
     site_dir = tiny_sites[1]  # AD-heavy
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: the default oversubscribes them
     torch.manual_seed(0)
     model = build_model(tiny_cfg.model)
     arrays = ArrayRecord(model.state_dict())
     ctx = Context(run_id=1, node_id=7, node_config={"data-path": str(site_dir)},
                   state=RecordDict(), run_config={"overrides": OVERRIDES, "out-dir": ""})
-    out = {kind: app(_message(arrays, kind), ctx) for kind in (MessageType.TRAIN,
-                                                                MessageType.EVALUATE)}
+    try:
+        out = {kind: app(_message(arrays, kind), ctx) for kind in (MessageType.TRAIN,
+                                                                    MessageType.EVALUATE)}
+    finally:
+        torch.set_num_threads(threads)
     return site_dir, model, out
 
 
