@@ -1,7 +1,9 @@
 """Diffusion training loss and samplers (MONAI DDPM / DDIM schedulers) for all three archs.
 
-Everything lives in model space (docs/CONTRACTS.md): x_0 is the SD slice, conditioned on LD
-(and T1). Sampling starts from x_T ~ N(0, I) and follows the PET head (M2Diff) or the single
+Everything lives in model space (docs/CONTRACTS.md). The diffused x_0 is ``model.target``:
+``sd`` (the paper: the SD slice itself) or ``residual`` (``residual_scale * (SD - LD)``, the
+dose-dependent noise and bias that LD lacks; the prediction is LD + x_0 / scale). Both are
+conditioned on LD (and T1). Sampling starts from x_T ~ N(0, I) and follows the PET head (M2Diff) or the single
 eps head (ddpm_concat). The regression baseline (unet) goes through the same two functions:
 its loss is MSE(pred, SD), its "sampler" one forward pass.
 """
@@ -83,13 +85,14 @@ def training_loss(model: nn.Module, batch: Mapping[str, Tensor | None], model_cf
         return loss, {"loss": float(loss.detach())}
 
     scheduler = scheduler or make_scheduler(model_cfg)
+    x0 = to_x0(sd, ld, model_cfg)
     noise = _randn(tuple(sd.shape), generator, device)
     steps = scheduler.num_train_timesteps
     if generator is None:
         t = torch.randint(0, steps, (size,), device=device)
     else:
         t = torch.randint(0, steps, (size,), generator=generator, device=generator.device).to(device)
-    x_t = scheduler.add_noise(original_samples=sd, noise=noise, timesteps=t)
+    x_t = scheduler.add_noise(original_samples=x0, noise=noise, timesteps=t)
 
     if not hasattr(bare, "forward_heads"):  # ddpm_concat
         loss = F.mse_loss(model(x_t, t, ld, t1, mri_keep=keep), noise)
@@ -107,6 +110,26 @@ def training_loss(model: nn.Module, batch: Mapping[str, Tensor | None], model_cf
     logs = dict(zip(("mse_pet", "mse_mri", "consistency"), terms.detach().float().tolist(), strict=True))
     logs["loss"] = float(loss.detach())
     return loss, logs
+
+
+def diffusion_target(model_cfg: Any) -> tuple[str, float]:
+    """(``model.target``, ``model.residual_scale``): what the diffusion generates."""
+    target = str(_get(model_cfg, "target", "sd")).lower()
+    if target not in ("sd", "residual"):
+        raise ConfigError(f"model.target={target!r}: expected sd or residual")
+    return target, float(_get(model_cfg, "residual_scale", 1.0))
+
+
+def to_x0(sd: Tensor, ld: Tensor, model_cfg: Any) -> Tensor:
+    """The diffused sample x_0 for SD slices (B, 1, H, W) in model space."""
+    target, scale = diffusion_target(model_cfg)
+    return sd if target == "sd" else scale * (sd - ld)
+
+
+def from_x0(x0: Tensor, ld: Tensor, model_cfg: Any) -> Tensor:
+    """SD slices in model space from a sampled x_0; inverse of ``to_x0``."""
+    target, scale = diffusion_target(model_cfg)
+    return x0 if target == "sd" else ld + x0 / scale
 
 
 def _device_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
@@ -139,12 +162,15 @@ def predict_sd(model: nn.Module, ld: Tensor, t1: Tensor | None, model_cfg: Any, 
         if not bare.is_diffusion:
             return model(ld, t1).clamp(lo, hi)
         sampler = str(_get(sample_cfg, "sampler", "ddim")).lower()
+        target, scale = diffusion_target(model_cfg)
+        # x_0 estimates are clipped where SD = LD + x_0 / scale can still land inside [lo, hi].
+        x_lo, x_hi = (lo, hi) if target == "sd" else (scale * (lo - hi), scale * (hi - lo))
         total = int(_get(model_cfg, "num_train_timesteps", 1000))
         sched_kw = dict(num_train_timesteps=total,
                         schedule=str(_get(model_cfg, "beta_schedule", "linear_beta")),
                         beta_start=float(_get(model_cfg, "beta_start", 1e-4)),
                         beta_end=float(_get(model_cfg, "beta_end", 0.02)),
-                        clip_sample=True, clip_sample_min=lo, clip_sample_max=hi)
+                        clip_sample=True, clip_sample_min=x_lo, clip_sample_max=x_hi)
         if sampler == "ddim":
             steps = int(_get(sample_cfg, "steps", 25))
             if not 1 <= steps <= total:
@@ -173,7 +199,7 @@ def predict_sd(model: nn.Module, ld: Tensor, t1: Tensor | None, model_cfg: Any, 
                     x_c, _ = scheduler.step(eps, t, x_c, eta=eta, generator=step_gen)
                 else:
                     x_c, _ = scheduler.step(eps, t, x_c, generator=step_gen)
-            out.append(x_c.clamp(lo, hi))
+            out.append(from_x0(x_c, ld_c, model_cfg).clamp(lo, hi))
         return torch.cat(out)
     finally:
         model.train(was_training)

@@ -147,3 +147,37 @@ def test_bad_sampler_settings():
         _sample(model, cfg, "euler", 5)
     with pytest.raises(ConfigError, match="sample.steps"):
         _sample(model, cfg, "ddim", 0)
+
+
+def test_residual_target_diffuses_scaled_sd_minus_ld():
+    """model.target=residual: x_0 = scale * (SD - LD) in the forward process, and a sampled x_0
+    maps back to LD + x_0 / scale."""
+    from m2diff.model.diffusion import from_x0, to_x0
+
+    cfg = cfg_for("tiny", "model.target=residual", "model.residual_scale=4")
+    b = batch(4)
+    x0 = to_x0(b["sd"], b["ld"], cfg.model)
+    assert torch.allclose(x0, 4 * (b["sd"] - b["ld"]))
+    assert torch.allclose(from_x0(x0, b["ld"], cfg.model), b["sd"], atol=1e-6)
+    assert torch.equal(to_x0(b["sd"], b["ld"], cfg_for("tiny").model), b["sd"])  # the paper's
+
+    model = randomize_zero_params(build_model(cfg.model)).train()
+    loss, _ = training_loss(model, b, cfg.model, make_scheduler(cfg.model),
+                            torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    keep = torch.rand(4, generator=g) >= cfg.model.mri_dropout
+    eps = torch.randn(b["sd"].shape, generator=g)
+    t = torch.randint(0, 1000, (4,), generator=g)
+    ab = _linear_alphas_cumprod(cfg.model)[t].view(-1, 1, 1, 1)
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+    with torch.no_grad():
+        eps_pet, eps_mri = model.forward_heads(x_t, t, b["ld"], b["t1"], mri_keep=keep)
+    expected = (0.4 * F.mse_loss(eps_pet, eps) + 0.4 * F.mse_loss(eps_mri, eps)
+                + 0.2 * F.mse_loss(eps_pet, eps_mri))
+    assert loss.item() == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_unknown_target_is_a_config_error():
+    cfg = cfg_for("tiny", "model.target=noise")
+    with pytest.raises(ConfigError, match="model.target"):
+        training_loss(build_model(cfg.model).train(), batch(2), cfg.model, None)
