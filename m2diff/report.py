@@ -22,7 +22,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
@@ -246,38 +245,3 @@ def plot_rounds(rows: Iterable[Mapping[str, Any]], png: Path, title: str = "") -
     fig.suptitle(title or "Held-out metrics of the global model per round (solid CN, dashed AD, dotted all)", fontsize=9)
     fig.tight_layout(rect=(0, 0, 0.82 if handles else 1, 1))
     return save_figure(fig, png)
-
-
-def run_data_figure(cfg: DictConfig, args: dict[str, str]) -> int:
-    """``m2diff figure data=DIR [png=...]``: T1 / LD / SD mid-AD slices of a CN and an AD subject
-    per site (first subject of each cohort)."""
-    from m2diff.data.check import site_paths
-    from m2diff.data.nifti import load_volume
-    from m2diff.data.validate import validate_site
-    from m2diff.evaluate import ad_slice
-
-    cases: list[dict[str, Any]] = []
-    for root in site_paths(cfg.data.get("path")):
-        site, problems = validate_site(root, require_sd=False, require_t1=False)
-        for problem in problems:
-            print(f"problem: {problem}", file=sys.stderr)
-        for diagnosis in ("CN", "AD"):
-            subjects = site.cohort(diagnosis)
-            if not subjects:
-                continue
-            s = subjects[0]
-            ld = load_volume(s.ld)
-            z = ad_slice(ld.data.shape, ld.affine)
-            t1 = load_volume(s.t1).data[:, :, z] if s.t1 else None
-            sd = load_volume(s.sd).data[:, :, z] if s.sd else ld.data[:, :, z]
-            cases.append({"label": f"{site.name}\n{s.id} {diagnosis}", "t1": t1,
-                          "ld": ld.data[:, :, z], "pred": None, "sd": sd})
-    if not cases:
-        print("m2diff figure: no usable subjects", file=sys.stderr)
-        return 1
-    from m2diff.config import resolve_path
-
-    png = resolve_path(args.get("png")) or resolve_path(cfg.out) / "subjects.png"
-    plot_panel(cases, png, title="Simulated subjects, mid slice through the AD regions")
-    print(f"wrote {png}")
-    return 0

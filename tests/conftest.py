@@ -25,3 +25,16 @@ def tiny_sites(tmp_path_factory, tiny_cfg) -> list[Path]:
 
     out = tmp_path_factory.mktemp("sites")
     return generate_sites(tiny_cfg.generate, out, seed=0, progress=False)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One intra-op torch thread per test: on a shared 2-core machine the default two OpenMP
+    threads spin against the other processes (SuperNodes, Ray workers) and make the tiny
+    model's small ops several times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
