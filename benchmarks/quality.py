@@ -11,7 +11,7 @@ also written as markdown (``<out>/quality.md``, for the README) with the per-sub
 Keys: any config override (``train.steps=2000 model.channels=[64,128,128] device=cuda
 generate.subjects=24 generate.shape=[128,128,48]``), plus
 ``sites_dir=DIR`` (simulated sites; reused when generated with the same settings),
-``methods=unet,ddpm_concat,m2diff`` and ``regenerate=true``.
+``methods=unet,ddpm_concat,m2diff,m2diff_residual`` (the last diffuses SD - LD) and ``regenerate=true``.
 The default budget (3 sites x 8 subjects of 48 x 48 x 16, 300 steps per model, DDIM 25 steps)
 takes about 10-15 minutes on 2 CPU cores.
 """
@@ -41,7 +41,13 @@ DEFAULTS = [
     "train.steps=300", "train.batch_size=16", "train.lr=1e-3",
     "data.split=[0.6,0.0,0.4]", "sample.steps=25", "out=runs/benchmark-quality",
 ]
-ARCH_GROUP = {"m2diff": "tiny", "unet": "unet", "ddpm_concat": "ddpm_concat"}
+# method -> (model config group, extra overrides)
+METHODS: dict[str, tuple[str, list[str]]] = {
+    "unet": ("unet", []),
+    "ddpm_concat": ("ddpm_concat", []),
+    "m2diff": ("tiny", []),
+    "m2diff_residual": ("tiny", ["model.target=residual"]),
+}
 COLUMNS = ("method", "n", "psnr", "ssim", "nmse", "suvr_bias_pct", "train_s", "sample_s")
 OWN_KEYS = ("sites_dir", "methods", "regenerate")
 
@@ -95,7 +101,8 @@ def train_method(method: str, overrides: list[str], all_sites: list[Site], devic
     from m2diff.model import build_model
     from m2diff.train import train_steps
 
-    cfg = compose([f"model={ARCH_GROUP[method]}", *overrides])
+    group, extra = METHODS[method]
+    cfg = compose([f"model={group}", *overrides, *extra])
     torch.manual_seed(int(cfg.seed))
     model = build_model(cfg.model).to(device)
     slices = SliceSet.concat([load_slices(s, "train", cfg.data, int(cfg.seed), model.stride)
@@ -152,8 +159,8 @@ def main(argv: list[str]) -> int:
     timings: dict[str, float] = {}
     methods = [m.strip() for m in own.get("methods", "unet,ddpm_concat,m2diff").split(",") if m.strip()]
     for method in methods:
-        if method not in ARCH_GROUP:
-            raise SystemExit(f"quality.py: unknown method {method} (expected {', '.join(ARCH_GROUP)})")
+        if method not in METHODS:
+            raise SystemExit(f"quality.py: unknown method {method} (expected {', '.join(METHODS)})")
         model, mcfg, timings[method] = train_method(method, overrides, all_sites, device)
         start = time.perf_counter()
         for site in all_sites:
