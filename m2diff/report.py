@@ -111,20 +111,25 @@ def header(key: str) -> str:
     return FORMATS.get(key, (key, ""))[0]
 
 
+def cells(row: Mapping[str, Any], columns: Sequence[str]) -> list[str]:
+    """Formatted cells of one row; a column ``x`` shows ``x ± x_std`` when ``x_std`` is finite."""
+    out = []
+    for key in columns:
+        cell = fmt(key, row.get(key))
+        std = row.get(f"{key}_std")
+        if isinstance(std, float) and math.isfinite(std) and cell not in ("-", "inf"):
+            cell += f" ± {fmt(key, std).lstrip('+')}"
+        out.append(cell)
+    return out
+
+
 def make_table(rows: Sequence[Mapping[str, Any]], title: str, columns: Sequence[str]) -> Table:
     """A rich Table with one row per dict; a column ``x`` shows ``x +- x_std`` when present."""
     table = Table(title=title, title_justify="left")
     for key in columns:
         table.add_column(header(key), justify="left" if key in ("site", "method", "cohort", "subject") else "right")
     for row in rows:
-        cells = []
-        for key in columns:
-            cell = fmt(key, row.get(key))
-            std = row.get(f"{key}_std")
-            if isinstance(std, float) and math.isfinite(std) and cell not in ("-", "inf"):
-                cell += f" ± {fmt(key, std).lstrip('+')}"
-            cells.append(cell)
-        table.add_row(*cells)
+        table.add_row(*cells(row, columns))
     return table
 
 
@@ -141,14 +146,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) ->
     lines = ["| " + " | ".join(header(c) for c in columns) + " |",
              "|" + "|".join("---" if c in ("site", "method", "cohort") else "---:" for c in columns) + "|"]
     for row in rows:
-        cells = []
-        for key in columns:
-            cell = fmt(key, row.get(key))
-            std = row.get(f"{key}_std")
-            if isinstance(std, float) and math.isfinite(std) and cell not in ("-", "inf"):
-                cell += f" ± {fmt(key, std).lstrip('+')}"
-            cells.append(cell)
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(cells(row, columns)) + " |")
     return "\n".join(lines)
 
 

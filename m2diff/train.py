@@ -20,14 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import Progress
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
@@ -36,6 +29,7 @@ from m2diff.config import ConfigError, resolve_path
 from m2diff.device import resolve_device
 from m2diff.model import build_model, count_parameters, unwrap_model
 from m2diff.model.diffusion import make_scheduler, training_loss
+from m2diff.progress import progress_bar
 
 __all__ = ["EMA", "TrainResult", "make_optimizer", "resolve_device", "run_train", "train_steps"]
 
@@ -156,9 +150,7 @@ def _amp(device: torch.device, enabled: bool) -> torch.dtype | None:
 
 
 def _progress_bar() -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(),
-                    TimeRemainingColumn())
+    return progress_bar("loss {task.fields[loss]:.4f}")
 
 
 def train_steps(model: nn.Module, slices: Any, cfg: DictConfig, steps: int,

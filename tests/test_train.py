@@ -16,7 +16,6 @@ from m2diff.cli import main
 from m2diff.config import ConfigError
 from m2diff.model import build_model
 from m2diff.train import EMA, run_train, train_steps
-from tests.model.conftest import _one_torch_thread  # noqa: F401  (autouse fixture)
 from tests.model.helpers import cfg_for, fake_slices
 
 

@@ -174,22 +174,13 @@ def generate_sites(gen_cfg: Mapping[str, Any], out: Path, seed: int,
     templates = load_templates()
 
     if progress:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
+        from m2diff.progress import progress_bar
 
-        columns = (TextColumn("[bold]generate[/] {task.description}"), BarColumn(),
-                   MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-        with Progress(*columns) as bar:
-            task = bar.add_task("subjects", total=len(jobs))
+        with progress_bar() as bar:
+            task = bar.add_task("generate", total=len(jobs))
             _run_jobs(jobs, workers, templates,
                       lambda job: bar.update(task, advance=1,
-                                             description=f"{job.site_dir.name}/{job.subject_id}"))
+                                             description=f"generate {job.site_dir.name}/{job.subject_id}"))
     else:
         _run_jobs(jobs, workers, templates, lambda job: None)
 
