@@ -112,7 +112,7 @@ def train_method(method: str, overrides: list[str], all_sites: list[Site], devic
     result = train_steps(model, slices, cfg, int(cfg.train.steps), device=device, progress=True)
     print(f"  {method}: final loss {result.loss:.4f}, {result.seconds:.0f} s", flush=True)
     # Evaluate what a checkpoint would hold: the EMA weights when train.ema_decay > 0.
-    trained = result.ema.module if result.ema is not None else model
+    trained = result.ema.copy_to(model) if result.ema is not None else model
     return trained.eval(), cfg, float(result.seconds)
 
 
