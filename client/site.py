@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, Context, Message
-from m2diff.train import resolve_device
 from omegaconf import DictConfig
 
 from m2diff.data.layout import Site
 from m2diff.data.validate import validate_site
 from m2diff.fedutil import compose_run_config
 from m2diff.model import build_model
+from m2diff.train import resolve_device
 
 
 class SiteError(RuntimeError):
