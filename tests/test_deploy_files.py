@@ -1,0 +1,277 @@
+"""Static checks of deploy/: Dockerfiles, compose.yaml, the runbooks and make-certs.sh.
+
+No container engine is needed (or used): the checks read the files, compare every command
+and key they name with what the project's CLIs accept, and run make-certs.sh with openssl.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+import tomllib
+from functools import cache
+from pathlib import Path
+
+import pytest
+import yaml
+
+from client.cli import KEYS as CLIENT_KEYS
+from m2diff.config import compose
+from server.cli import KEYS as SERVER_KEYS
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy"
+DOCKERFILES = sorted(DEPLOY.glob("Dockerfile.*"))
+RUNBOOKS = [DEPLOY / "RUNBOOK-coordinator.md", DEPLOY / "RUNBOOK-hospital.md", DEPLOY / "README.md"]
+# image name -> the entry point it runs (docker run IMAGE key=value ...)
+IMAGES = {"m2diff-coordinator": "m2diff-server", "m2diff-site:cpu": "m2diff-client",
+          "m2diff-site:cuda": "m2diff-client"}
+
+
+def scripts() -> set[str]:
+    return set(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"])
+
+
+def instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of a Dockerfile, continuation lines joined."""
+    text = re.sub(r"\\\n", " ", path.read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def compose_file() -> dict:
+    return yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+
+
+def shell_commands(md: Path) -> list[list[str]]:
+    """Every command line in the fenced code blocks of a markdown file, as words."""
+    blocks = re.findall(r"```[a-z]*\n(.*?)```", md.read_text(), flags=re.S)
+    lines = []
+    for block in blocks:
+        for line in re.sub(r"\\\n", " ", block).splitlines():
+            line = line.split(" #")[0].strip()
+            if line and not line.startswith(("[", "#", "site/", "participants", "sub-", "default",
+                                             "address", "root-certificates")):
+                lines.append(shlex.split(line))
+    return lines
+
+
+def inline_commands(md: Path) -> list[list[str]]:
+    """`flwr ...`, `m2diff ...` commands quoted inline in the prose."""
+    found = re.findall(r"`((?:flwr|m2diff|m2diff-server|m2diff-client) [^`]+)`", md.read_text())
+    return [shlex.split(c) for c in found]
+
+
+def invocations(words: list[str]) -> list[tuple[str, list[str]]]:
+    """(entry point, key=value arguments) for m2diff-server/-client in one command line."""
+    out = []
+    for i, word in enumerate(words):
+        tool = word if word in ("m2diff-server", "m2diff-client") else IMAGES.get(word)
+        if tool and (word == tool or "run" in words[:i]):
+            out.append((tool, [w for w in words[i + 1:] if "=" in w and not w.startswith("-")]))
+    return out
+
+
+def check_keys(tool: str, words: list[str], where: str) -> None:
+    keys = {w.split("=", 1)[0] for w in words}
+    if tool == "m2diff-client":
+        assert keys <= CLIENT_KEYS, f"{where}: m2diff-client has no key(s) {keys - CLIENT_KEYS}"
+    else:
+        overrides = [w for w in words if w.split("=", 1)[0] not in SERVER_KEYS]
+        compose(overrides)  # raises ConfigError on a key that is neither a server key nor a setting
+
+
+# -- Dockerfiles -------------------------------------------------------------------------------
+
+def test_three_dockerfiles():
+    assert {p.name for p in DOCKERFILES} >= {"Dockerfile.coordinator", "Dockerfile.site-cpu",
+                                              "Dockerfile.site-cuda"}
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_sources_exist_and_basics(dockerfile):
+    ins = instructions(dockerfile)
+    copies = [args for word, args in ins if word in ("COPY", "ADD")]
+    assert copies
+    for args in copies:
+        words = [w for w in shlex.split(args) if not w.startswith("--")]
+        for src in words[:-1]:
+            assert (REPO / src).exists(), f"{dockerfile.name}: COPY source {src} is not in the repo"
+    env = " ".join(args for word, args in ins if word == "ENV")
+    assert "FLWR_DISABLE_UPDATE_CHECK=1" in env
+    assert "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1" in env
+    users = [args for word, args in ins if word == "USER"]
+    assert users and users[-1] not in ("root", "0"), "the image must not run as root"
+    assert any(word == "HEALTHCHECK" for word, _ in ins)
+    entry = [args for word, args in ins if word == "ENTRYPOINT"]
+    assert entry and yaml.safe_load(entry[-1])[0] in scripts()
+    run = " ".join(args for word, args in ins if word == "RUN")
+    assert "pip install ." in run
+    if dockerfile.name == "Dockerfile.site-cuda":
+        base = next(args for word, args in ins if word == "ARG" and args.startswith("BASE="))
+        assert base.split("=", 1)[1].startswith(("pytorch/pytorch:", "nvidia/cuda:"))
+    else:  # CPU torch first, as scripts/bootstrap.sh does
+        assert "torch==2.13.0" in " ".join(args for word, args in ins if word == "ARG")
+        assert run.index("TORCH_INDEX") < run.index("pip install .")
+
+
+def test_dockerignore_keeps_data_out():
+    ignored = {line.strip().rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    assert {"data", "runs", ".venv", ".git", "**/.m2diff-cache", "deploy/pki"} <= ignored
+    for dockerfile in DOCKERFILES:
+        for word, args in instructions(dockerfile):
+            if word in ("COPY", "ADD"):
+                for src in [w for w in shlex.split(args) if not w.startswith("--")][:-1]:
+                    assert src.split("/")[0] not in ignored, f"{src} is excluded by .dockerignore"
+
+
+# -- compose.yaml ------------------------------------------------------------------------------
+
+def test_compose_services_and_files():
+    doc = compose_file()
+    services = doc["services"]
+    assert {"certs", "generate", "coordinator", "site-a", "site-b", "site-c"} <= set(services)
+    volumes, networks = set(doc.get("volumes") or {}), set(doc.get("networks") or {})
+    for name, svc in services.items():
+        build = svc.get("build")
+        if build:
+            context = (DEPLOY / build["context"]).resolve()
+            assert (context / build["dockerfile"]).is_file(), name
+        for mount in svc.get("volumes", []):
+            src = mount.split(":")[0]
+            if src.startswith((".", "/")):
+                assert (DEPLOY / src).exists(), f"{name}: bind mount {src} does not exist"
+            else:
+                assert src in volumes, f"{name}: volume {src} is not declared"
+        for net in svc.get("networks", []):
+            assert net in networks, name
+        for dep in svc.get("depends_on", {}):
+            assert dep in services, name
+        entry = svc.get("entrypoint")
+        if entry and entry[0] != "bash":
+            assert entry[0] in scripts(), name
+    assert doc["networks"]["fednet"].get("internal") is True
+    certs = services["certs"]
+    assert any(m.startswith("./make-certs.sh:") for m in certs["volumes"])
+    assert "DNS:coordinator" in certs["command"][1] and "IP:127.0.0.1" in certs["command"][1]
+    assert services["generate"]["command"] == ["generate", "out=/data", "sites=3", "size=tiny"]
+
+
+def test_compose_commands_use_real_keys():
+    services = compose_file()["services"]
+    coord = services["coordinator"]["command"]
+    check_keys("m2diff-server", coord, "compose coordinator")
+    args = dict(w.split("=", 1) for w in coord)
+    assert args["auth"] == "true" and args["auth-keys"] and args["port"] == "8000"
+    assert "insecure" not in args and all(args.get(k) for k in ("ca", "cert", "key"))
+    assert args["data.cache_dir"] == "/var/cache/m2diff"
+    keys_made = set(services["certs"]["command"][2:])
+    for name in ("site-a", "site-b", "site-c"):
+        svc = services[name]
+        check_keys("m2diff-client", svc["command"], f"compose {name}")
+        site = dict(w.split("=", 1) for w in svc["command"])
+        assert site["superlink"] == "coordinator:8000" and site["root-certificates"]
+        assert Path(site["auth-key"]).stem in keys_made
+        mounts = svc["volumes"]
+        assert any(m.endswith(":/data:ro") for m in mounts), "site data must be read-only"
+        assert any(m.endswith(":/var/cache/m2diff") for m in mounts), "the cache must be writable"
+
+
+# -- runbooks ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("md", RUNBOOKS, ids=lambda p: p.name)
+def test_runbook_commands_exist_and_keys_are_real(md):
+    commands = shell_commands(md) + inline_commands(md)
+    assert commands
+    seen = set()
+    for words in commands:
+        for tool, keys in invocations(words):
+            check_keys(tool, keys, f"{md.name}: {' '.join(words)[:80]}")
+            seen.add(tool)
+        if words[0] in ("m2diff", "m2diff-server", "m2diff-client"):
+            assert words[0] in scripts()
+        if words[0] == "m2diff" and len(words) > 1:
+            assert words[1] in m2diff_commands(), f"{md.name}: no m2diff {words[1]}"
+        if words[0] in ("bash", "deploy/make-certs.sh") or words[0].startswith("deploy/"):
+            script = words[1] if words[0] == "bash" else words[0]
+            assert (REPO / script).is_file(), f"{md.name}: {script} does not exist"
+        if words[0] == "flwr":
+            sub = [w for w in words[1:3] if not w.startswith("-") and w.isidentifier()]
+            sub = sub[:2] if sub and sub[0] == "supernode" else sub[:1]
+            assert flwr_has(tuple(sub)), f"{md.name}: flwr {' '.join(sub)} does not exist"
+    if md.name == "RUNBOOK-coordinator.md":
+        assert "m2diff-server" in seen
+    if md.name == "RUNBOOK-hospital.md":
+        assert "m2diff-client" in seen
+
+
+@cache
+def m2diff_commands() -> set[str]:
+    from m2diff.cli import COMMANDS
+
+    return set(COMMANDS) | {"--help", "-h"}
+
+
+@cache
+def flwr_has(sub: tuple[str, ...]) -> bool:
+    flwr = shutil.which("flwr", path=str(Path(shutil.which("python") or "").parent)) \
+        or str(REPO / ".venv" / "bin" / "flwr")
+    res = subprocess.run([flwr, *sub, "--help"], capture_output=True, text=True, timeout=120,
+                         env={"FLWR_DISABLE_UPDATE_CHECK": "1", "PATH": "/usr/bin:/bin",
+                              "HOME": "/tmp"})
+    return res.returncode == 0 and "No such command" not in res.stdout + res.stderr
+
+
+def test_flwr_check_tells_real_from_made_up():
+    assert flwr_has(("supernode", "register")) and not flwr_has(("supernode", "rotate"))
+
+
+def test_readme_links_runbooks():
+    text = (REPO / "README.md").read_text()
+    assert "deploy/RUNBOOK-coordinator.md" in text and "deploy/RUNBOOK-hospital.md" in text
+    for md in RUNBOOKS:
+        for link in re.findall(r"\]\(([^)#:]+)\)", md.read_text()):
+            assert (md.parent / link).exists(), f"{md.name}: broken link {link}"
+
+
+# -- make-certs.sh -----------------------------------------------------------------------------
+
+@pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("ssh-keygen")),
+                    reason="needs openssl and ssh-keygen")
+def test_make_certs_produces_verified_cert_with_sans_and_site_keys(tmp_path):
+    from cryptography import x509
+
+    out = tmp_path / "pki"
+    san = "DNS:coordinator,DNS:fl.example.org,IP:127.0.0.1"
+    res = subprocess.run(["bash", str(DEPLOY / "make-certs.sh"), str(out), san, "hospital-a",
+                          "hospital-b"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    verify = subprocess.run(["openssl", "verify", "-CAfile", str(out / "ca.crt"),
+                             str(out / "superlink.crt")], capture_output=True, text=True)
+    assert verify.returncode == 0 and "OK" in verify.stdout, verify.stdout + verify.stderr
+    cert = x509.load_pem_x509_certificate((out / "superlink.crt").read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(sans.get_values_for_type(x509.DNSName)) == {"coordinator", "fl.example.org"}
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert x509.oid.ExtendedKeyUsageOID.SERVER_AUTH in usage
+    for site in ("hospital-a", "hospital-b"):
+        key, pub = out / "sites" / f"{site}.key", out / "sites" / f"{site}.key.pub"
+        assert key.is_file() and pub.read_text().startswith("ecdsa-sha2-nistp384 ")
+        assert key.stat().st_mode & 0o077 == 0, "a site's private key must be private"
+    assert (out / "ca.key").stat().st_mode & 0o077 == 0
+    # a second run keeps the CA and the site keys (rotation of the server cert only)
+    ca_before = (out / "ca.crt").read_bytes()
+    key_before = (out / "sites" / "hospital-a.key").read_bytes()
+    subprocess.run(["bash", str(DEPLOY / "make-certs.sh"), str(out), san, "hospital-a"],
+                   check=True, capture_output=True, timeout=300)
+    assert (out / "ca.crt").read_bytes() == ca_before
+    assert (out / "sites" / "hospital-a.key").read_bytes() == key_before
