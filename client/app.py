@@ -3,7 +3,8 @@
 What leaves the site: the model's weights (the same names and shapes it received), numbers
 (num-examples, losses, seconds, per-cohort metrics of the held-out subjects) and the site's
 name. No subject ids, file names or images; tests/client/test_privacy.py inspects every
-reply for that.
+reply for that. With ``privacy=dp`` training is DP-SGD (client/privacy.py) and every train
+reply also carries ``dp_epsilon`` and ``dp_refused``.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.privacy import dp_train
 from client.site import SiteRun
 from m2diff.data.dataset import load_slices
 from m2diff.data.splits import split_subjects
 from m2diff.evaluate import evaluate_subjects, site_metrics
 from m2diff.fedutil import add_proximal_term
+from m2diff.model import unwrap_model
 from m2diff.train import make_optimizer, train_steps
 
 app = ClientApp()
@@ -29,7 +32,8 @@ def _reply(msg: Message, run: SiteRun, metrics: dict[str, float],
     content = RecordDict({"metrics": MetricRecord(metrics),
                           "site": ConfigRecord({"name": run.name})})
     if model is not None:
-        content["arrays"] = ArrayRecord(model.state_dict())
+        # The bare model's names (no Opacus "_module." prefix): what the server sent.
+        content["arrays"] = ArrayRecord(unwrap_model(model).state_dict())
     return Message(content=content, reply_to=msg)
 
 
@@ -57,19 +61,27 @@ def train(msg: Message, context: Context) -> Message:
     # model would only lag behind it, so the site keeps none.
     run.cfg.train.ema_decay = 0.0
     ready = time.perf_counter()
-    result = train_steps(model, slices, run.cfg, steps=int(run.cfg.train.steps),
-                         optimizer=_optimizer(model, run, float(config.get("proximal-mu", 0.0))),
-                         device=run.device, progress=False)
+    optimizer = _optimizer(model, run, float(config.get("proximal-mu", 0.0)))
+    dp_metrics: dict[str, float] = {}
+    if str(run.cfg.privacy.get("kind", "none")) == "dp":
+        # DP-SGD; a site whose privacy budget is spent replies with the weights it received.
+        model, result, dp_metrics = dp_train(context, run, model, slices, optimizer,
+                                             seed=int(run.cfg.seed) * 1000 + server_round)
+    else:
+        result = train_steps(model, slices, run.cfg, steps=int(run.cfg.train.steps),
+                             optimizer=optimizer, device=run.device, progress=False)
     if str(context.node_config.get("test-fault", "")) == "nan":
         # Fault injection for tests only: a broken site the server must reject.
         with torch.no_grad():
             next(iter(model.parameters())).fill_(float("nan"))
     metrics = {
-        "num-examples": int(result.num_examples),
-        "train_loss": float(result.loss),
-        "train_steps": int(result.steps),
-        "train_seconds": float(result.seconds),
+        # A refused (untrained) reply keeps a positive weight; the server drops it anyway.
+        "num-examples": int(result.num_examples) if result is not None else len(slices),
+        "train_loss": float(result.loss) if result is not None else 0.0,
+        "train_steps": int(result.steps) if result is not None else 0,
+        "train_seconds": float(result.seconds) if result is not None else 0.0,
         "setup_seconds": float(ready - start),
+        **dp_metrics,
     }
     return _reply(msg, run, metrics, model.cpu())
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +31,8 @@ from m2diff.model import build_model, count_parameters, unwrap_model
 from m2diff.model.diffusion import make_scheduler, training_loss
 from m2diff.progress import progress_bar
 
-__all__ = ["EMA", "TrainResult", "make_optimizer", "resolve_device", "run_train", "train_steps"]
+__all__ = ["EMA", "TrainResult", "make_optimizer", "resolve_device", "run_train", "train_steps",
+           "training_dataset"]
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -128,13 +129,34 @@ class _WithT1Flag(Dataset):
         return {**self.base[i], "has_t1": torch.tensor(bool(self.has_t1[i]))}
 
 
-def _batches(slices: Any, batch_size: int, steps: int, seed: int, num_workers: int,
-             pin: bool) -> Iterator[dict[str, Tensor]]:
-    """``steps`` random minibatches: shuffled epochs of ``slices.torch_dataset()`` (seeded)."""
+def training_dataset(slices: Any) -> Dataset:
+    """The map-style dataset ``train_steps`` draws from: ``slices.torch_dataset()``, plus a
+    "has_t1" flag per item when only some subjects have a T1."""
     dataset = slices.torch_dataset()
     has_t1 = getattr(slices, "has_t1", None)
     if getattr(slices, "t1", None) is not None and has_t1 is not None and not np.all(has_t1):
         dataset = _WithT1Flag(dataset, np.asarray(has_t1))
+    return dataset
+
+
+def _loader_batches(loader: Iterable[dict[str, Tensor]], steps: int) -> Iterator[dict[str, Tensor]]:
+    """``steps`` batches from ``loader``, starting a new pass whenever one ends."""
+    done = 0
+    while done < steps:
+        before = done
+        for batch in loader:
+            yield batch
+            done += 1
+            if done >= steps:
+                return
+        if done == before:
+            raise ValueError("no training slices")
+
+
+def _batches(slices: Any, batch_size: int, steps: int, seed: int, num_workers: int,
+             pin: bool) -> Iterator[dict[str, Tensor]]:
+    """``steps`` random minibatches: shuffled epochs of ``slices.torch_dataset()`` (seeded)."""
+    dataset = training_dataset(slices)
     if len(dataset) == 0:
         raise ValueError("no training slices")
     sampler = RandomSampler(dataset, num_samples=steps * batch_size,
@@ -156,7 +178,8 @@ def _progress_bar() -> Progress:
 def train_steps(model: nn.Module, slices: Any, cfg: DictConfig, steps: int,
                 optimizer: torch.optim.Optimizer | None = None, ema: EMA | None = None,
                 device: torch.device | str | None = None, progress: bool | Progress = True,
-                step_offset: int | None = None) -> TrainResult:
+                step_offset: int | None = None,
+                loader: Iterable[dict[str, Tensor]] | None = None) -> TrainResult:
     """Train ``model`` in place for ``steps`` optimiser steps on random minibatches of ``slices``.
 
     - batches of ``train.batch_size`` slices from ``slices.torch_dataset()``, shuffled per epoch;
@@ -167,6 +190,8 @@ def train_steps(model: nn.Module, slices: Any, cfg: DictConfig, steps: int,
       ``train.grad_clip`` (except under an Opacus DPOptimizer, which clips per sample);
     - on CUDA only: autocast (bf16, else fp16 with loss scaling) when ``train.amp`` and
       channels_last when ``train.channels_last``;
+    - ``loader`` (e.g. Opacus' Poisson-sampling DPDataLoader over ``training_dataset(slices)``)
+      replaces the built-in batches: ``steps`` batches are taken from it, pass after pass;
     - ``ema`` is updated after each step; with ``ema=None`` and ``train.ema_decay > 0`` a new
       one starts from the current weights (returned in the result).
     The model stays on ``device`` (default ``cfg.device``) in train mode, contiguous memory format.
@@ -190,8 +215,11 @@ def train_steps(model: nn.Module, slices: Any, cfg: DictConfig, steps: int,
     per_sample_clipping = hasattr(optimizer, "noise_multiplier")  # Opacus DPOptimizer
     scheduler = make_scheduler(cfg.model)
     noise_gen = torch.Generator(device=device).manual_seed(_seed(cfg.seed, step_offset, 1))
-    batches = _batches(slices, int(tcfg.batch_size), steps, _seed(cfg.seed, step_offset, 0),
-                       int(tcfg.get("num_workers", 0)), pin=device.type == "cuda")
+    if loader is not None:
+        batches = _loader_batches(loader, steps)
+    else:
+        batches = _batches(slices, int(tcfg.batch_size), steps, _seed(cfg.seed, step_offset, 0),
+                           int(tcfg.get("num_workers", 0)), pin=device.type == "cuda")
 
     bar = _progress_bar() if progress is True else (progress or None)
     task = bar.add_task("train", total=steps, loss=float("nan")) if bar is not None else None

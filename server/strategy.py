@@ -4,7 +4,8 @@
 FedAdam, FedMedian, FedTrimmedAvg): before the base class aggregates, it maps each reply's
 ``src_node_id`` to the site name the reply carries, drops replies with the wrong
 arrays (names/shapes), non-finite values or inconsistent metric keys (one log line naming
-the site; such a reply would otherwise poison the average or end the ServerApp), and keeps
+the site; such a reply would otherwise poison the average or end the ServerApp), leaves out
+train replies with ``dp_refused == 1`` (a DP site whose privacy budget is spent), and keeps
 per-site train and evaluate metrics for the round report. Error replies (a site that
 dropped out) are logged and skipped; the base class aggregates the survivors.
 """
@@ -26,6 +27,7 @@ from m2diff.fedutil import metric_problems, update_problems
 
 SITE_RECORD = "site"  # ConfigRecord key of a reply: {"name": "<site name>"}
 WEIGHT_KEY = "num-examples"
+REFUSED_KEY = "dp_refused"  # privacy=dp: 1 when a site's budget is spent and it did not train
 
 
 def reply_site(msg: Message) -> str | None:
@@ -44,13 +46,14 @@ class SiteAwareMixin:
     evaluate_metrics: dict[int, dict[str, dict[str, float]]]
     rejected: dict[int, dict[str, str]]
     dropped: dict[int, list[str]]
+    refused: dict[int, list[str]]
 
     def init_site_aware(self, expected_arrays: Mapping[str, tuple[int, ...]]) -> None:
         """Set the global model's array names and shapes every update must match."""
         self.expected_arrays = dict(expected_arrays)
         self.site_names = {}
         self.train_metrics, self.evaluate_metrics = {}, {}
-        self.rejected, self.dropped = {}, {}
+        self.rejected, self.dropped, self.refused = {}, {}, {}
         self._sent: dict[tuple[int, bool], set[int]] = {}
 
     # -- sending: remember who was asked, to name sites that never answer --------------
@@ -115,8 +118,15 @@ class SiteAwareMixin:
                     server_round, kind, site, "; ".join(problems[:3]))
                 self.rejected.setdefault(server_round, {})[site] = "; ".join(problems[:3])
                 continue
-            good.append(msg)
             store.setdefault(server_round, {})[site] = dict(_metrics(msg))
+            if is_train and _metrics(msg).get(REFUSED_KEY, 0) == 1:
+                # privacy=dp: the site's budget is spent; it sent back the weights it got.
+                log(WARNING, "round %d train: site %s refused to train (privacy budget spent, "
+                    "epsilon %.3g); left out of the average", server_round, site,
+                    float(_metrics(msg).get("dp_epsilon", float("nan"))))
+                self.refused.setdefault(server_round, []).append(site)
+                continue
+            good.append(msg)
         answered = {m.metadata.src_node_id for m in candidates}
         missing = sorted(self._sent.get((server_round, is_train), set()) - answered)
         for msg in errors:
