@@ -18,6 +18,21 @@ def _linear_alphas_cumprod(cfg) -> torch.Tensor:
     return torch.cumprod(1 - betas, 0).float()
 
 
+def _hand_loss_terms(model, b, model_cfg, x0, seed: int) -> list[torch.Tensor]:
+    """MSE(eps_pet, eps), MSE(eps_mri, eps), MSE(eps_pet, eps_mri) computed by hand, with the
+    same draws as training_loss in its order (MRI dropout, noise, timesteps) from ``seed``."""
+    n = x0.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(n, generator=g) >= model_cfg.mri_dropout
+    eps = torch.randn(x0.shape, generator=g)
+    t = torch.randint(0, model_cfg.num_train_timesteps, (n,), generator=g)
+    ab = _linear_alphas_cumprod(model_cfg)[t].view(-1, 1, 1, 1)
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+    with torch.no_grad():
+        eps_pet, eps_mri = model.forward_heads(x_t, t, b["ld"], b["t1"], mri_keep=keep)
+    return [F.mse_loss(eps_pet, eps), F.mse_loss(eps_mri, eps), F.mse_loss(eps_pet, eps_mri)]
+
+
 def test_scheduler_is_the_papers():
     cfg = cfg_for("tiny").model
     s = make_scheduler(cfg)
@@ -34,16 +49,7 @@ def test_loss_weights_match_a_hand_computation(weights):
     loss, logs = training_loss(model, b, cfg.model, make_scheduler(cfg.model),
                                torch.Generator().manual_seed(7))
 
-    # The same draws, in training_loss's order: MRI dropout, noise, timesteps.
-    g = torch.Generator().manual_seed(7)
-    keep = torch.rand(4, generator=g) >= cfg.model.mri_dropout
-    eps = torch.randn(b["sd"].shape, generator=g)
-    t = torch.randint(0, 1000, (4,), generator=g)
-    ab = _linear_alphas_cumprod(cfg.model)[t].view(-1, 1, 1, 1)
-    x_t = ab.sqrt() * b["sd"] + (1 - ab).sqrt() * eps
-    with torch.no_grad():
-        eps_pet, eps_mri = model.forward_heads(x_t, t, b["ld"], b["t1"], mri_keep=keep)
-    terms = [F.mse_loss(eps_pet, eps), F.mse_loss(eps_mri, eps), F.mse_loss(eps_pet, eps_mri)]
+    terms = _hand_loss_terms(model, b, cfg.model, b["sd"], seed=7)
     expected = sum(w * term for w, term in zip(weights, terms, strict=True))
     assert loss.item() == pytest.approx(float(expected), rel=1e-4, abs=1e-6)
     assert logs["mse_pet"] == pytest.approx(float(terms[0]), rel=1e-4)
@@ -164,16 +170,8 @@ def test_residual_target_diffuses_scaled_sd_minus_ld():
     model = randomize_zero_params(build_model(cfg.model)).train()
     loss, _ = training_loss(model, b, cfg.model, make_scheduler(cfg.model),
                             torch.Generator().manual_seed(7))
-    g = torch.Generator().manual_seed(7)
-    keep = torch.rand(4, generator=g) >= cfg.model.mri_dropout
-    eps = torch.randn(b["sd"].shape, generator=g)
-    t = torch.randint(0, 1000, (4,), generator=g)
-    ab = _linear_alphas_cumprod(cfg.model)[t].view(-1, 1, 1, 1)
-    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
-    with torch.no_grad():
-        eps_pet, eps_mri = model.forward_heads(x_t, t, b["ld"], b["t1"], mri_keep=keep)
-    expected = (0.4 * F.mse_loss(eps_pet, eps) + 0.4 * F.mse_loss(eps_mri, eps)
-                + 0.2 * F.mse_loss(eps_pet, eps_mri))
+    terms = _hand_loss_terms(model, b, cfg.model, x0, seed=7)
+    expected = 0.4 * terms[0] + 0.4 * terms[1] + 0.2 * terms[2]
     assert loss.item() == pytest.approx(float(expected), rel=1e-4)
 
 
