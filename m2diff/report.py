@@ -208,7 +208,8 @@ def plot_panel(cases: Sequence[Mapping[str, Any]], png: Path, title: str = "") -
 
 
 def plot_rounds(rows: Iterable[Mapping[str, Any]], png: Path, title: str = "") -> Path:
-    """Per-round figure: PSNR and SSIM vs round, one line per (site, cohort).
+    """Per-round figure: PSNR and SSIM vs round, one line per (site, cohort), with a faint
+    flat line at the LD input's value (``ld_psnr`` / ``ld_ssim``) where rows carry it.
 
     ``rows``: dicts with ``round``, ``site``, ``cohort`` and ``psnr`` / ``ssim`` (missing or
     non-finite values, and rows with ``n == 0``, are skipped). One colour per site; solid CN,
@@ -233,6 +234,11 @@ def plot_rounds(rows: Iterable[Mapping[str, Any]], png: Path, title: str = "") -
             style = {"CN": "-", "AD": "--"}.get(cohort.upper(), ":")
             ax.plot(xs, ys, marker="o", linestyle=style, color=colors[site],
                     label=f"{site} {cohort}".strip())
+            ld = [float(r[f"ld_{key}"]) for r in items if r.get(f"ld_{key}") is not None]
+            if ld and math.isfinite(ld[-1]):
+                # The LD input of the same subjects: the baseline the model has to beat.
+                ax.plot([min(xs), max(xs)], [ld[-1], ld[-1]], linestyle=style, linewidth=0.8,
+                        color=colors[site], alpha=0.35)
         ax.set_xlabel("round")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -240,6 +246,6 @@ def plot_rounds(rows: Iterable[Mapping[str, Any]], png: Path, title: str = "") -
     handles, labels = axes[0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="center right", fontsize=7, frameon=False)
-    fig.suptitle(title or "Held-out metrics of the global model per round (solid CN, dashed AD, dotted all)", fontsize=9)
+    fig.suptitle(title or "Held-out metrics of the global model per round (solid CN, dashed AD, dotted all; faint: LD input)", fontsize=9)
     fig.tight_layout(rect=(0, 0, 0.82 if handles else 1, 1))
     return save_figure(fig, png)
