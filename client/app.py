@@ -4,7 +4,9 @@ What leaves the site: the model's weights (the same names and shapes it received
 (num-examples, losses, seconds, per-cohort metrics of the held-out subjects) and the site's
 name. No subject ids, file names or images; tests/client/test_privacy.py inspects every
 reply for that. With ``privacy=dp`` training is DP-SGD (client/privacy.py) and every train
-reply also carries ``dp_epsilon`` and ``dp_refused``.
+reply also carries ``dp_epsilon`` and ``dp_refused``. With ``privacy=central_dp
+privacy.side=client`` the server's train config carries a clipping norm and
+``central_dp_mod`` clips the site's update with Flower's clipping mod before it leaves.
 """
 
 from __future__ import annotations
@@ -12,8 +14,18 @@ from __future__ import annotations
 import time
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable
 
 from client.privacy import dp_train
 from client.site import SiteRun
@@ -24,7 +36,20 @@ from m2diff.fedutil import add_proximal_term
 from m2diff.model import unwrap_model
 from m2diff.train import make_optimizer, train_steps
 
-app = ClientApp()
+
+def central_dp_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's client-side clipping mod, only for train messages whose config asks for it
+    (``clipping_norm``, sent by the client-side central DP wrappers of server/privacy.py;
+    ``central-dp-clipping`` picks fixed or adaptive). Anything else passes untouched."""
+    config = msg.content.config_records.get("config")
+    if (msg.metadata.message_type != MessageType.TRAIN or config is None
+            or "clipping_norm" not in config):
+        return call_next(msg, context)
+    mod = adaptiveclipping_mod if config.get("central-dp-clipping") == "adaptive" else fixedclipping_mod
+    return mod(msg, context, call_next)
+
+
+app = ClientApp(mods=[central_dp_mod])
 
 
 def _reply(msg: Message, run: SiteRun, metrics: dict[str, float],

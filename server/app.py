@@ -23,6 +23,7 @@ from m2diff.config import resolve_path
 from m2diff.fedutil import array_spec, compose_run_config, format_site_table, metric_rows
 from m2diff.model import build_model
 from server.checkpoint import RoundRecorder, load_resume, save_global
+from server.privacy import LEDGER_FILE, ClientLevelAccountant, central_dp_settings, wrap_central_dp
 from server.rounds import RoundTiming, run_rounds
 from server.strategy import SiteAwareMixin, build_strategy
 
@@ -70,6 +71,14 @@ def main(grid: Grid, context: Context) -> None:
     arrays = ArrayRecord(model.state_dict())
     expected = array_spec({k: a.numpy() for k, a in arrays.items()})
     strategy = build_strategy(cfg.fl, expected)
+    runner: Any = strategy
+    ledger: ClientLevelAccountant | None = None
+    if str(cfg.privacy.get("kind", "none")) == "central_dp":
+        # Client-level DP: Flower's wrapper clips and noises what the site checks accept.
+        ledger = ClientLevelAccountant.load(out / LEDGER_FILE, float(cfg.privacy.delta), first - 1)
+        runner = wrap_central_dp(strategy, cfg.privacy, cfg.fl, ledger)
+        log(INFO, "central DP: %s; epsilon so far %.4g", central_dp_settings(cfg.privacy),
+            ledger.epsilon())
     recorder = RoundRecorder(out, keep_until=first - 1)
     log(INFO, "m2diff: %s, %s, rounds %d..%d, %.2f MB per model, out-dir %s",
         cfg.model.arch, cfg.fl.strategy, first, last, arrays.count_bytes() / 2**20, out)
@@ -80,12 +89,20 @@ def main(grid: Grid, context: Context) -> None:
     def on_round(rnd: int, new_arrays: ArrayRecord, timing: RoundTiming) -> None:
         model.load_state_dict(new_arrays.to_torch_state_dict())
         save_global(out, model, cfg, rnd, sites=sorted(set(strategy.site_names.values())))
-        recorder.add(round_rows(strategy, rnd, timing))
+        rows = round_rows(strategy, rnd, timing)
+        if ledger is not None:
+            ledger.save(out / LEDGER_FILE)
+            eps = ledger.epsilon()
+            log(INFO, "round %d: cumulative client-level epsilon %.4g at delta %g",
+                rnd, eps, ledger.delta)
+            for row in rows:
+                row["central_dp_epsilon"] = round(eps, 6)
+        recorder.add(rows)
         log(INFO, "round %d: checkpoint written (train %.1f s, evaluate %.1f s)",
             rnd, timing.train_s, timing.evaluate_s)
 
     # FedProx puts "proximal-mu" into each train message itself.
-    run_rounds(strategy, grid, arrays, first, last, float(cfg.fl.round_timeout), on_round)
+    run_rounds(runner, grid, arrays, first, last, float(cfg.fl.round_timeout), on_round)
     last_rows = [r for r in recorder.rows if r["round"] == last]
     for line in format_site_table(last_rows).splitlines():
         log(INFO, "%s", line)
