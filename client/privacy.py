@@ -12,7 +12,6 @@ leaves out of the average (server/strategy.py).
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from m2diff.privacy import (
     sample_rate,
     would_exceed,
 )
+from m2diff.report import write_json
 from m2diff.train import TrainResult, make_optimizer, train_steps, training_dataset
 
 
@@ -60,14 +60,8 @@ def load_state(path: Path) -> dict[str, Any] | None:
 
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
-    """Write ``state`` atomically (tmp + fsync + os.replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Write ``state`` atomically (m2diff.report.write_json: tmp + fsync + os.replace)."""
+    write_json(path, state)
 
 
 def dp_train(context: Context, run: SiteRun, model: nn.Module, slices: Any,

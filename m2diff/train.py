@@ -313,12 +313,9 @@ def _read_losses(path: Path, upto: int) -> list[float]:
 
 
 def _write_losses(path: Path, losses: list[float]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["step", "loss"])
-        writer.writerows((i + 1, f"{v:.6g}") for i, v in enumerate(losses))
-    tmp.replace(path)
+    from m2diff.report import write_csv  # matplotlib: only where a file is written
+
+    write_csv(path, [{"step": i + 1, "loss": f"{v:.6g}"} for i, v in enumerate(losses)])
 
 
 def plot_losses(path: Path, losses: list[float], title: str) -> None:

@@ -4,14 +4,12 @@
                     with ``round`` = the last completed round
 ``rounds.json``     one row per round, site and cohort (evaluate metrics of the global
 ``rounds.csv``      model on the site's test subjects, the site's train metrics, timings)
-``rounds.png``      m2diff.report.plot_rounds, when that exists
+``rounds.png``      m2diff.report.plot_rounds
 """
 
 from __future__ import annotations
 
-import csv
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from logging import WARNING
@@ -23,6 +21,7 @@ from omegaconf import DictConfig
 
 from m2diff.checkpoint import load_checkpoint, save_checkpoint
 from m2diff.fedutil import union_keys
+from m2diff.report import plot_rounds, write_csv, write_json
 
 CHECKPOINT = "checkpoint.pt"
 ROUNDS_JSON = "rounds.json"
@@ -36,15 +35,6 @@ class Resume:
 
     state_dict: dict[str, torch.Tensor]
     round: int
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def load_resume(out: Path) -> Resume | None:
@@ -84,21 +74,11 @@ class RoundRecorder:
     def add(self, rows: list[dict[str, Any]]) -> None:
         """Append one round's rows and rewrite rounds.json, rounds.csv and rounds.png."""
         self.rows.extend(rows)
-        _atomic_write(self.out / ROUNDS_JSON, json.dumps(self.rows, indent=1))
-        columns = union_keys(self.rows)
-        tmp = self.out / f".{ROUNDS_CSV}.tmp"
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=columns, restval="")
-            writer.writeheader()
-            writer.writerows(self.rows)
-        os.replace(tmp, self.out / ROUNDS_CSV)
+        write_json(self.out / ROUNDS_JSON, self.rows)
+        write_csv(self.out / ROUNDS_CSV, self.rows, union_keys(self.rows))
         self._plot()
 
     def _plot(self) -> None:
-        try:
-            from m2diff.report import plot_rounds  # type: ignore[attr-defined]
-        except ImportError:
-            return
         try:
             plot_rounds(self.rows, self.out / ROUNDS_PNG)
         except Exception as exc:  # a figure must never end a federation

@@ -8,7 +8,6 @@ share one PET colour scale so the noise difference is visible. No colorbars.
 from __future__ import annotations
 
 import csv
-import os
 import re
 import sys
 from dataclasses import dataclass
@@ -79,6 +78,8 @@ def draw_figure(picks: list[Pick], png: Path) -> Path:
     """Render rows = ``picks``, columns = T1 / LD / SD, to ``png`` atomically."""
     import matplotlib
 
+    from m2diff.report import save_figure
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -102,15 +103,7 @@ def draw_figure(picks: list[Pick], png: Path) -> Path:
                 ax.set_ylabel(f"{pick.diagnosis}\n{pick.site.name}/{pick.subject_id}", fontsize=8)
             ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png.with_name(f".{png.name}.{os.getpid()}.tmp.png")
-    try:
-        fig.savefig(tmp, dpi=120, facecolor="white")
-        tmp.replace(png)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return png
+    return save_figure(fig, png, dpi=120)
 
 
 def run_data_figure(cfg: DictConfig, args: dict[str, str]) -> int:
