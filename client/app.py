@@ -7,6 +7,8 @@ reply for that. With ``privacy=dp`` training is DP-SGD (client/privacy.py) and e
 reply also carries ``dp_epsilon`` and ``dp_refused``. With ``privacy=central_dp
 privacy.side=client`` the server's train config carries a clipping norm and
 ``central_dp_mod`` clips the site's update with Flower's clipping mod before it leaves.
+With ``fl.secagg.enabled=true`` the train phase runs Flower's SecAgg+ (client/secagg.py):
+the weights leave the site only as a masked update the coordinator cannot read alone.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 
 from client.privacy import dp_train
+from client.secagg import secagg_mod
 from client.site import SiteRun
 from m2diff.data.dataset import load_slices
 from m2diff.data.splits import split_subjects
@@ -49,7 +52,9 @@ def central_dp_mod(msg: Message, context: Context, call_next: ClientAppCallable)
     return mod(msg, context, call_next)
 
 
-app = ClientApp(mods=[central_dp_mod])
+# SecAgg+ outermost: the clipping mod (and train) run inside its masked-vector stage, so
+# a site's update is clipped before it is masked.
+app = ClientApp(mods=[secagg_mod, central_dp_mod])
 
 
 def _reply(msg: Message, run: SiteRun, metrics: dict[str, float],

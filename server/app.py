@@ -25,6 +25,7 @@ from m2diff.model import build_model
 from server.checkpoint import RoundRecorder, load_resume, save_global
 from server.privacy import LEDGER_FILE, ClientLevelAccountant, central_dp_settings, wrap_central_dp
 from server.rounds import RoundTiming, run_rounds
+from server.secagg import SecureTrainPhase, check_secagg, secagg_settings
 from server.strategy import SiteAwareMixin, build_strategy
 
 app = ServerApp()
@@ -79,6 +80,14 @@ def main(grid: Grid, context: Context) -> None:
         runner = wrap_central_dp(strategy, cfg.privacy, cfg.fl, ledger)
         log(INFO, "central DP: %s; epsilon so far %.4g", central_dp_settings(cfg.privacy),
             ledger.epsilon())
+    train_phase: SecureTrainPhase | None = None
+    if bool(cfg.fl.secagg.enabled):
+        # SecAgg+: the coordinator only ever sees the sum of the sites' masked updates.
+        check_secagg(cfg)
+        train_phase = SecureTrainPhase(runner, strategy, context, cfg.fl.secagg,
+                                       float(cfg.fl.round_timeout),
+                                       noise=runner if ledger is not None else None)
+        log(INFO, "secure aggregation (SecAgg+): %s", secagg_settings(cfg.fl.secagg))
     recorder = RoundRecorder(out, keep_until=first - 1)
     log(INFO, "m2diff: %s, %s, rounds %d..%d, %.2f MB per model, out-dir %s",
         cfg.model.arch, cfg.fl.strategy, first, last, arrays.count_bytes() / 2**20, out)
@@ -97,12 +106,16 @@ def main(grid: Grid, context: Context) -> None:
                 rnd, eps, ledger.delta)
             for row in rows:
                 row["central_dp_epsilon"] = round(eps, 6)
+        if train_phase is not None:
+            for row in rows:
+                row["secagg"] = 1  # this round's update was aggregated under SecAgg+ masks
         recorder.add(rows)
         log(INFO, "round %d: checkpoint written (train %.1f s, evaluate %.1f s)",
             rnd, timing.train_s, timing.evaluate_s)
 
     # FedProx puts "proximal-mu" into each train message itself.
-    run_rounds(runner, grid, arrays, first, last, float(cfg.fl.round_timeout), on_round)
+    run_rounds(runner, grid, arrays, first, last, float(cfg.fl.round_timeout), on_round,
+               train_phase=train_phase)
     last_rows = [r for r in recorder.rows if r["round"] == last]
     for line in format_site_table(last_rows).splitlines():
         log(INFO, "%s", line)

@@ -144,14 +144,19 @@ class _CentralDP:
             return None, None
         weights = [float(next(iter(m.content.metric_records.values())).get(WEIGHT_KEY, 0))
                    for m in usable]
-        z = effective_noise_multiplier(self.accounted_noise, self.num_sampled_clients, weights)
         arrays, metrics = super().aggregate_train(server_round, usable)  # type: ignore[misc]
         if arrays is not None:
-            eps = self.ledger.step(server_round, z, self.sample_rate)
-            log(INFO, "round %d: client-level DP epsilon %.4g at delta %g after %d round(s) "
-                "(noise multiplier %.3g counted, sample rate %.3g)", server_round, eps,
-                self.ledger.delta, len(self.ledger.history), z, self.sample_rate)
+            self.account(server_round, weights)
         return arrays, metrics
+
+    def account(self, server_round: int, weights: Iterable[float]) -> float:
+        """Count one noised release of a mean over sites with these weights; the epsilon."""
+        z = effective_noise_multiplier(self.accounted_noise, self.num_sampled_clients, weights)
+        eps = self.ledger.step(server_round, z, self.sample_rate)
+        log(INFO, "round %d: client-level DP epsilon %.4g at delta %g after %d round(s) "
+            "(noise multiplier %.3g counted, sample rate %.3g)", server_round, eps,
+            self.ledger.delta, len(self.ledger.history), z, self.sample_rate)
+        return eps
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return self.site.aggregate_evaluate(server_round, replies)

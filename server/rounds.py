@@ -29,6 +29,9 @@ class RoundTiming:
     evaluate_s: float
 
 
+TrainPhase = Callable[[int, ArrayRecord, Grid, ConfigRecord], "ArrayRecord | None"]
+
+
 def _finite(arrays: ArrayRecord) -> bool:
     return all(np.all(np.isfinite(a.numpy())) for a in arrays.values()
                if np.issubdtype(a.numpy().dtype, np.floating))
@@ -44,18 +47,27 @@ def run_rounds(
     on_round: Callable[[int, ArrayRecord, RoundTiming], None],
     train_config: dict | None = None,
     evaluate_config: dict | None = None,
+    train_phase: TrainPhase | None = None,
 ) -> ArrayRecord:
-    """Run rounds ``first_round..last_round`` (inclusive); return the final global arrays."""
+    """Run rounds ``first_round..last_round`` (inclusive); return the final global arrays.
+
+    ``train_phase`` replaces the train phase's send + ``aggregate_train`` (secure
+    aggregation, server/secagg.py): it returns the new global arrays or None to keep them.
+    """
     for rnd in range(first_round, last_round + 1):
         log(INFO, "")
         log(INFO, "[ROUND %s/%s]", rnd, last_round)
         t0 = time.perf_counter()
-        replies = grid.send_and_receive(
-            messages=strategy.configure_train(rnd, arrays, ConfigRecord(dict(train_config or {})),
-                                              grid),  # type: ignore[attr-defined]
-            timeout=timeout,
-        )
-        new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)  # type: ignore[attr-defined]
+        config = ConfigRecord(dict(train_config or {}))
+        train_metrics = None
+        if train_phase is not None:
+            new_arrays = train_phase(rnd, arrays, grid, config)
+        else:
+            replies = grid.send_and_receive(
+                messages=strategy.configure_train(rnd, arrays, config, grid),  # type: ignore[attr-defined]
+                timeout=timeout,
+            )
+            new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)  # type: ignore[attr-defined]
         if new_arrays is not None and _finite(new_arrays):
             arrays = new_arrays
         elif new_arrays is not None:
