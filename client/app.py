@@ -28,6 +28,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
+from flwr.supercore.differential_privacy import KEY_NORM_BIT
 
 from client.privacy import dp_train
 from client.secagg import secagg_mod
@@ -48,8 +49,23 @@ def central_dp_mod(msg: Message, context: Context, call_next: ClientAppCallable)
     if (msg.metadata.message_type != MessageType.TRAIN or config is None
             or "clipping_norm" not in config):
         return call_next(msg, context)
-    mod = adaptiveclipping_mod if config.get("central-dp-clipping") == "adaptive" else fixedclipping_mod
-    return mod(msg, context, call_next)
+    adaptive = config.get("central-dp-clipping") == "adaptive"
+    mod = adaptiveclipping_mod if adaptive else fixedclipping_mod
+    trained: list[Message] = []
+
+    def inner(m: Message, c: Context) -> Message:
+        trained.append(call_next(m, c))
+        return trained[-1]
+
+    try:
+        return mod(msg, context, inner)
+    except ZeroDivisionError:
+        # Flower's clipping divides by the update's norm: an exactly zero update (no step
+        # made) needs no clipping and is sent as it is (adaptive: "not clipped").
+        reply = trained[-1]
+        if adaptive:
+            next(iter(reply.content.metric_records.values()))[KEY_NORM_BIT] = 0
+        return reply
 
 
 # SecAgg+ outermost: the clipping mod (and train) run inside its masked-vector stage, so

@@ -36,6 +36,7 @@ from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
@@ -138,6 +139,8 @@ class _CentralDP:
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         usable = [m for m in self.site._screen(server_round, list(replies), is_train=True)
                   if not m.has_error()]
+        if isinstance(self, ServerFixedDP | ServerAdaptiveDP):
+            usable = self._drop_unchanged(server_round, usable)
         if not usable:
             log(WARNING, "round %d: no usable site update; the global model stays as it is",
                 server_round)
@@ -148,6 +151,22 @@ class _CentralDP:
         if arrays is not None:
             self.account(server_round, weights)
         return arrays, metrics
+
+    def _drop_unchanged(self, server_round: int, replies: list[Message]) -> list[Message]:
+        """Replies whose weights differ from the global model's. Flower's server-side clipping
+        divides by the update's norm and crashes the ServerApp on an exactly zero update (a
+        site that made no step); such a site is left out of the mean, with a warning."""
+        current = [a.numpy() for a in self.current_arrays.values()]  # type: ignore[attr-defined]
+        keep = []
+        for msg in replies:
+            arrays = next(iter(msg.content.array_records.values()))
+            if all(np.array_equal(a.numpy(), c) for a, c in zip(arrays.values(), current, strict=True)):
+                log(WARNING, "round %d train: site %s sent the global model back unchanged; left "
+                    "out of the average (a zero update cannot be clipped)", server_round,
+                    self.site.site_name(msg.metadata.src_node_id))
+                continue
+            keep.append(msg)
+        return keep
 
     def account(self, server_round: int, weights: Iterable[float]) -> float:
         """Count one noised release of a mean over sites with these weights; the epsilon."""

@@ -88,7 +88,6 @@ def test_huge_update_is_clipped():
     arrays, _ = dp.aggregate_train(1, replies)
     total = np.sqrt(sum(float(np.sum(arrays[k].numpy() ** 2)) for k in SPEC))
     assert total == pytest.approx(1.0 / N_SITES, rel=1e-2)  # the big site clipped to norm 1
-    # (a site whose update is exactly zero makes Flower's clipping divide by zero)
 
 
 def test_site_checks_run_before_clipping():
@@ -160,3 +159,30 @@ def test_client_side_sends_norm_and_the_mod_clips():
     # Without a clipping norm in the config (server side / no central DP) nothing changes.
     out = central_dp_mod(_train_msg({}), ctx, lambda m, c: _reply(1, "a", 100.0))
     assert out.content["arrays"]["w"].numpy()[0, 0] == 100.0
+
+
+@pytest.mark.parametrize("clipping", ["fixed", "adaptive"])
+def test_zero_update_is_left_out_on_the_server_not_a_crash(clipping):
+    # Flower's clipping divides by the update norm: a site that made no step would end the run.
+    site, dp = _wrapped(clipping=clipping, noise_multiplier=1e-6)
+    _start(dp)
+    replies = [_reply(1, "still", 0.0)] + [_reply(i, f"s{i}", 0.1) for i in range(2, N_SITES + 1)]
+    arrays, _ = dp.aggregate_train(1, replies)
+    assert arrays is not None and np.allclose(arrays["w"].numpy(), 0.1, atol=1e-3)
+    assert set(site.train_metrics[1]) == {"still", "s2", "s3", "s4"}  # reported, not averaged
+
+
+@pytest.mark.parametrize("clipping", ["fixed", "adaptive"])
+def test_zero_update_passes_the_client_clipping_mod(clipping):
+    from client.app import central_dp_mod
+
+    zeros = ArrayRecord({k: Array(np.zeros(s, np.float32)) for k, s in SPEC.items()})
+    ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    config = {"clipping_norm": 1.0, "central-dp-clipping": clipping}
+    msg = Message(content=RecordDict({"arrays": zeros, "config": ConfigRecord(config)}),
+                  metadata=_meta(1))
+    out = central_dp_mod(msg, ctx, lambda m, c: _reply(1, "a", 0.0))
+    assert not out.has_error()
+    assert all(not a.any() for a in out.content["arrays"].to_numpy_ndarrays())
+    if clipping == "adaptive":
+        assert next(iter(out.content.metric_records.values()))["norm_bit"] == 0
