@@ -32,7 +32,7 @@ from flwr.supercore.differential_privacy import KEY_NORM_BIT
 
 from client.privacy import dp_train
 from client.secagg import secagg_mod
-from client.site import SiteRun
+from client.site import SiteError, SiteRun
 from m2diff.data.dataset import load_slices
 from m2diff.data.splits import split_subjects
 from m2diff.evaluate import evaluate_subjects, site_metrics
@@ -83,6 +83,20 @@ def _reply(msg: Message, run: SiteRun, metrics: dict[str, float],
     return Message(content=content, reply_to=msg)
 
 
+REQUIRE_PRIVACY_KEY = "require-privacy"  # node config: the privacy a hospital insists on
+
+
+def check_required_privacy(context: Context, run: SiteRun) -> None:
+    """A site whose node config says ``require-privacy="dp"`` (or ``central_dp``) trains only
+    in runs with that privacy; otherwise it refuses (the round goes on without it). Every
+    site composes the run's privacy settings, so sites never mix DP and non-DP training."""
+    required = str(context.node_config.get(REQUIRE_PRIVACY_KEY, "") or "none")
+    kind = str(run.cfg.privacy.get("kind", "none"))
+    if required not in ("none", kind):
+        raise SiteError(f"site {run.name} requires privacy={required} (node config "
+                        f"{REQUIRE_PRIVACY_KEY}); this run uses privacy={kind}: not training")
+
+
 def _optimizer(model: torch.nn.Module, run: SiteRun, mu: float) -> torch.optim.Optimizer | None:
     """None (train_steps builds its own) unless FedProx asks for a proximal term."""
     if mu <= 0:
@@ -97,6 +111,7 @@ def train(msg: Message, context: Context) -> Message:
     """``cfg.train.steps`` optimiser steps on the site's train subjects from the global model."""
     start = time.perf_counter()
     run = SiteRun.open(context)
+    check_required_privacy(context, run)
     model = run.model_from(msg)
     slices = load_slices(run.site, "train", run.cfg.data, int(run.cfg.seed), int(model.stride))
     config = msg.content.config_records.get("config", ConfigRecord())

@@ -72,6 +72,7 @@ def main(grid: Grid, context: Context) -> None:
     arrays = ArrayRecord(model.state_dict())
     expected = array_spec({k: a.numpy() for k, a in arrays.items()})
     strategy = build_strategy(cfg.fl, expected)
+    strategy.require_dp = str(cfg.privacy.get("kind", "none")) == "dp"
     runner: Any = strategy
     ledger: ClientLevelAccountant | None = None
     if str(cfg.privacy.get("kind", "none")) == "central_dp":

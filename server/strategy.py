@@ -27,6 +27,7 @@ from m2diff.fedutil import metric_problems, update_problems
 
 SITE_RECORD = "site"  # ConfigRecord key of a reply: {"name": "<site name>"}
 WEIGHT_KEY = "num-examples"
+DP_EPSILON_KEY = "dp_epsilon"  # privacy=dp: the site's cumulative epsilon, in every train reply
 REFUSED_KEY = "dp_refused"  # privacy=dp: 1 when a site's budget is spent and it did not train
 
 
@@ -54,6 +55,8 @@ class SiteAwareMixin:
         self.site_names = {}
         self.train_metrics, self.evaluate_metrics = {}, {}
         self.rejected, self.dropped, self.refused = {}, {}, {}
+        # privacy=dp: a train reply without an epsilon was trained without DP-SGD.
+        self.require_dp = False
         self._sent: dict[tuple[int, bool], set[int]] = {}
 
     # -- sending: remember who was asked, to name sites that never answer --------------
@@ -123,7 +126,7 @@ class SiteAwareMixin:
                 # privacy=dp: the site's budget is spent; it sent back the weights it got.
                 log(WARNING, "round %d train: site %s refused to train (privacy budget spent, "
                     "epsilon %.3g); left out of the average", server_round, site,
-                    float(_metrics(msg).get("dp_epsilon", float("nan"))))
+                    float(_metrics(msg).get(DP_EPSILON_KEY, float("nan"))))
                 self.refused.setdefault(server_round, []).append(site)
                 continue
             good.append(msg)
@@ -148,6 +151,8 @@ class SiteAwareMixin:
         if WEIGHT_KEY not in metrics:
             problems.append(f"no {WEIGHT_KEY}")
         problems += metric_problems(metrics)
+        if is_train and self.require_dp and DP_EPSILON_KEY not in metrics:
+            problems.append("trained without DP-SGD (no dp_epsilon) in a privacy=dp run")
         if is_train:
             if len(content.array_records) != 1:
                 return problems + [f"expected one ArrayRecord, got {len(content.array_records)}"]

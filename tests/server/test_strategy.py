@@ -126,3 +126,37 @@ def test_every_strategy_rejects_nan(name):
 def test_unknown_strategy_is_a_clear_error():
     with pytest.raises(ValueError, match="fl.strategy"):
         build_strategy(_fl("fedfoo"), SPEC)
+
+
+def test_privacy_dp_run_rejects_a_site_that_trained_without_dp():
+    strategy = build_strategy(_fl(min_sites=2), SPEC)
+    strategy.require_dp = True
+    replies = [_reply(1, "dp-site", 1.0, metrics={"num-examples": 10, "train_loss": 0.5,
+                                                   "dp_epsilon": 1.2, "dp_refused": 0}),
+               _reply(2, "plain-site", 3.0, metrics={"num-examples": 10, "train_loss": 0.5})]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert np.allclose(arrays["w"].numpy(), 1.0)  # only the DP site's weights
+    assert "without DP-SGD" in strategy.rejected[1]["plain-site"]
+
+
+def test_site_that_requires_dp_refuses_a_run_without_it():
+    from types import SimpleNamespace
+
+    from flwr.app import Context, RecordDict
+
+    from client.app import check_required_privacy
+    from client.site import SiteError
+
+    def ctx(required):
+        return Context(run_id=1, node_id=1, node_config={"require-privacy": required} if required else {},
+                       state=RecordDict(), run_config={})
+
+    def run(kind):
+        return SimpleNamespace(name="hosp-a", cfg=OmegaConf.create({"privacy": {"kind": kind}}))
+
+    with pytest.raises(SiteError, match="site hosp-a requires privacy=dp .* this run uses privacy=none"):
+        check_required_privacy(ctx("dp"), run("none"))
+    check_required_privacy(ctx("dp"), run("dp"))
+    check_required_privacy(ctx(None), run("none"))
+    with pytest.raises(SiteError, match="requires privacy=central_dp"):
+        check_required_privacy(ctx("central_dp"), run("dp"))
