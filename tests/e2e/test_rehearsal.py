@@ -127,3 +127,20 @@ def test_three_hospitals_tls_auth_two_rounds(tmp_path, tiny_sites):
         assert (_exited(wrongca, timeout=60) or 0) != 0, procs.log("wrongca")[-2000:]
         log = procs.log("wrongca")
         assert "Exit Code: 305" in log and "CERTIFICATE_VERIFY_FAILED" in log, log[-2000:]
+        _print_summary(rows, {h: procs.log(h) for h in ("rogue", "wrongca")})
+
+
+def _print_summary(rows: list[dict], logs: dict[str, str]) -> None:
+    """What the README shows of the rehearsal (``pytest -s`` prints it)."""
+    from m2diff.fedutil import format_site_table
+
+    last = max(r["round"] for r in rows)
+    print(f"\nrehearsal: rounds 1..{last} finished with sites {sorted({r['site'] for r in rows})}; "
+          f"client-level epsilon {rows[-1]['central_dp_epsilon']:.3g}; SecAgg+ on every round: "
+          f"{all(r.get('secagg') == 1 for r in rows)}")
+    print(format_site_table([r for r in rows if r["round"] == last]))
+    for host, text in logs.items():
+        line = next((ln for ln in text.splitlines() if "Exit Code: 305" in ln), "")
+        detail = next((ln.strip() for ln in text.splitlines()
+                       if "Failed to activate" in ln or "CERTIFICATE_VERIFY_FAILED" in ln), "")
+        print(f"{host}: {line.strip()} | {detail[:160]}")
