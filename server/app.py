@@ -73,6 +73,8 @@ def main(grid: Grid, context: Context) -> None:
     expected = array_spec({k: a.numpy() for k, a in arrays.items()})
     strategy = build_strategy(cfg.fl, expected)
     strategy.require_dp = str(cfg.privacy.get("kind", "none")) == "dp"
+    if resume is not None and resume.server_state:
+        strategy.load_server_state(resume.server_state)
     runner: Any = strategy
     ledger: ClientLevelAccountant | None = None
     if str(cfg.privacy.get("kind", "none")) == "central_dp":
@@ -98,7 +100,8 @@ def main(grid: Grid, context: Context) -> None:
 
     def on_round(rnd: int, new_arrays: ArrayRecord, timing: RoundTiming) -> None:
         model.load_state_dict(new_arrays.to_torch_state_dict())
-        save_global(out, model, cfg, rnd, sites=sorted(set(strategy.site_names.values())))
+        save_global(out, model, cfg, rnd, sites=sorted(set(strategy.site_names.values())),
+                    server_state=strategy.server_state())
         rows = round_rows(strategy, rnd, timing)
         if ledger is not None:
             ledger.save(out / LEDGER_FILE)

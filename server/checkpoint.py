@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from logging import WARNING
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ class Resume:
 
     state_dict: dict[str, torch.Tensor]
     round: int
+    server_state: dict[str, Any] = field(default_factory=dict)
 
 
 def load_resume(out: Path) -> Resume | None:
@@ -47,7 +48,8 @@ def load_resume(out: Path) -> Resume | None:
     if not isinstance(state, Mapping):
         raise ValueError(f"{path}: no model state in the checkpoint")
     extra = ckpt.get("extra") or {}
-    return Resume(dict(state), int(extra.get("round", ckpt.get("round", 0))))
+    return Resume(dict(state), int(extra.get("round", ckpt.get("round", 0))),
+                  dict(extra.get("server_state") or {}))
 
 
 def save_global(out: Path, model: torch.nn.Module, cfg: DictConfig, round_: int, **extra: Any) -> Path:

@@ -17,6 +17,8 @@ from collections.abc import Iterable, Mapping
 from logging import INFO, WARNING
 from typing import Any
 
+import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg
@@ -160,6 +162,25 @@ class SiteAwareMixin:
             problems += update_problems({k: a.numpy() for k, a in record.items()},
                                         self.expected_arrays)
         return problems
+
+    # -- server-side optimiser state (FedAdam's moments), kept in the checkpoint ---------
+    def server_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """FedOpt's first and second moments (empty for the stateless strategies and before
+        the first aggregation): a resumed FedAdam continues with them instead of from zero."""
+        state = {}
+        for name in ("m_t", "v_t"):
+            moments = getattr(self, name, None)
+            if moments:
+                state[name] = {k: torch.from_numpy(np.asarray(v).copy()) for k, v in moments.items()}
+        return state
+
+    def load_server_state(self, state: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        """Restore what ``server_state`` saved (keys that this strategy does not have are refused)."""
+        for name, moments in state.items():
+            if not hasattr(self, name):
+                raise ValueError(f"checkpoint holds {name} of a server optimiser that "
+                                 f"{type(self).__name__} does not have (fl.strategy changed?)")
+            setattr(self, name, {k: v.numpy() for k, v in moments.items()})
 
     def site_name(self, node_id: int) -> str:
         """The name a node last reported, else ``node-<id>``."""
