@@ -154,11 +154,32 @@ def table_rows(rows: Iterable[Mapping[str, Any]], method: str) -> list[dict[str,
                         **{k: row.get(prefix + short) for k, short in
                            (("psnr", "psnr"), ("ssim", "ssim"), ("nmse", "nmse"),
                             ("suvr_bias_pct", "suvr_bias"))}})
+        eps = privacy_spent(row)
+        if eps is not None:
+            out[-1]["epsilon"] = eps  # the model's row: what its training cost in privacy
     return out
+
+
+EPSILON_KEYS = ("train_dp_epsilon", "central_dp_epsilon")  # sample level (per site), client level
+
+
+def privacy_spent(row: Mapping[str, Any]) -> float | None:
+    """The cumulative epsilon a round row reports (sample-level DP of its site, else
+    client-level DP of the federation), None without DP."""
+    for key in EPSILON_KEYS:
+        if row.get(key) is not None:
+            return float(row[key])
+    return None
+
+
+def table_columns(table: Iterable[Mapping[str, Any]]) -> tuple[str, ...]:
+    """``TABLE_COLUMNS``, plus ``epsilon`` when a row of ``table_rows`` carries one."""
+    return TABLE_COLUMNS + (("epsilon",) if any("epsilon" in r for r in table) else ())
 
 
 def format_site_table(rows: Iterable[Mapping[str, Any]], method: str = "federated") -> str:
     """Plain-text (markdown) table per site and cohort, LD input beside the model."""
     from m2diff.report import markdown_table
 
-    return markdown_table(table_rows(rows, method), TABLE_COLUMNS)
+    table = table_rows(rows, method)
+    return markdown_table(table, table_columns(table))

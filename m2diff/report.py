@@ -33,6 +33,7 @@ FORMATS: dict[str, tuple[str, str]] = {
     "suvr_bias_pct": ("SUVR bias %", "{:+.2f}"),
     "train_s": ("train s", "{:.1f}"),
     "sample_s": ("sample s/vol", "{:.2f}"),
+    "epsilon": ("epsilon", "{:.3g}"),
 }
 
 
@@ -222,7 +223,10 @@ def plot_rounds(rows: Iterable[Mapping[str, Any]], png: Path, title: str = "") -
         series.setdefault((str(row.get("site", "")), str(row.get("cohort", ""))), []).append(row)
     sites = sorted({site for site, _ in series})
     colors = {site: plt.get_cmap("tab10")(i % 10) for i, site in enumerate(sites)}
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    spent = _epsilon_series(series)
+    fig, axes = plt.subplots(1, 3 if spent else 2, figsize=(14 if spent else 10, 3.8))
+    if spent:
+        _plot_epsilon(axes[2], spent, colors)
     for ax, key, label in ((axes[0], "psnr", "PSNR (dB)"), (axes[1], "ssim", "SSIM")):
         for (site, cohort), items in sorted(series.items()):
             pts = sorted((float(r["round"]), float(r[key])) for r in items
@@ -247,5 +251,34 @@ def plot_rounds(rows: Iterable[Mapping[str, Any]], png: Path, title: str = "") -
     if handles:
         fig.legend(handles, labels, loc="center right", fontsize=7, frameon=False)
     fig.suptitle(title or "Held-out metrics of the global model per round (solid CN, dashed AD, dotted all; faint: LD input)", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 0.82 if handles else 1, 1))
+    fig.tight_layout(rect=(0, 0, 0.86 if handles else 1, 1))
     return save_figure(fig, png)
+
+
+def _epsilon_series(series: Mapping[tuple[str, str], list[Mapping[str, Any]]]
+                    ) -> dict[str, list[tuple[float, float]]]:
+    """Cumulative epsilon per round: per site (``train_dp_epsilon``, sample-level DP) and
+    for the federation (``central_dp_epsilon``, client-level DP, key "all sites")."""
+    from m2diff.fedutil import EPSILON_KEYS
+
+    out: dict[str, dict[float, float]] = {}
+    for (site, _), items in series.items():
+        for r in items:
+            for key, name in zip(EPSILON_KEYS, (site, "all sites (client level)"), strict=True):
+                value = r.get(key)
+                if value is not None and r.get("round") is not None and math.isfinite(float(value)):
+                    out.setdefault(name, {})[float(r["round"])] = float(value)
+    return {name: sorted(points.items()) for name, points in out.items()}
+
+
+def _plot_epsilon(ax: plt.Axes, spent: Mapping[str, list[tuple[float, float]]],
+                  colors: Mapping[str, Any]) -> None:
+    for name, pts in sorted(spent.items()):
+        xs, ys = zip(*pts, strict=True)
+        ax.plot(xs, ys, marker="s", color=colors.get(name, "black"), label=name)
+    ax.set_xlabel("round")
+    ax.set_ylabel("privacy spent: cumulative epsilon")
+    ax.grid(alpha=0.3)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    if "all sites (client level)" in spent:
+        ax.legend(fontsize=7, frameon=False)

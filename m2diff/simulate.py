@@ -32,7 +32,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from m2diff.config import ConfigError, compose, resolve_path
-from m2diff.fedutil import TABLE_COLUMNS, metric_rows, table_rows
+from m2diff.fedutil import metric_rows, table_columns, table_rows
 
 REPO = Path(__file__).resolve().parents[1]
 SIM_STEPS = 60  # train.steps per round of the main job when train.steps is left at its default
@@ -255,7 +255,8 @@ def run_simulate(cfg: DictConfig, args: dict[str, str]) -> int:
     from m2diff.report import print_table
 
     label = {"federated": "federated", "centralized": "centralized", "local": "local"}[mode]
-    print_table(table_rows(rows, label),
-                f"{mode}: held-out test subjects per site and cohort ({out})", TABLE_COLUMNS)
+    table = table_rows(rows, label)
+    print_table(table, f"{mode}: held-out test subjects per site and cohort ({out})",
+                table_columns(table))
     print(f"m2diff simulate: {mode} done in {time.perf_counter() - start:.0f} s; results in {out}")
     return 0 if rows else 1

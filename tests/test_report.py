@@ -59,3 +59,23 @@ def test_csv_json_and_tables(tmp_path):
     assert "LD input" in text and "20.00" in text and "-3.00" in text
     md = report.markdown_table([{"method": "x", "psnr": 20.0, "psnr_std": 1.0}], ["method", "psnr"])
     assert "20.00 ± 1.00" in md and md.startswith("| method | PSNR dB |")
+
+
+def test_privacy_spent_gets_a_panel_and_a_table_column(tmp_path):
+    from matplotlib.image import imread
+
+    from m2diff.fedutil import format_site_table, metric_rows
+
+    plain, private = [], []
+    for rnd in (1, 2, 3):
+        for site, eps in (("site-a", 0.5), ("site-b", 0.8)):
+            metrics = {"cn_n": 2, "cn_psnr": 20.0 + rnd, "cn_ssim": 0.8, "cn_ld_psnr": 19.0}
+            plain += metric_rows(rnd, site, metrics, {"loss": 0.3})
+            private += metric_rows(rnd, site, metrics, {"loss": 0.3, "dp_epsilon": eps * rnd})
+    assert private[0]["train_dp_epsilon"] == 0.5
+    without = imread(report.plot_rounds(plain, tmp_path / "plain.png"))
+    with_eps = imread(report.plot_rounds(private, tmp_path / "private.png"))
+    assert with_eps.shape[1] > 1.3 * without.shape[1]  # a third panel: epsilon per round
+    table = format_site_table([r for r in private if r["round"] == 3])
+    assert "epsilon" in table.splitlines()[0] and "| 2.4 |" in table  # site-b: 0.8 x 3
+    assert "epsilon" not in format_site_table([r for r in plain if r["round"] == 3])
