@@ -271,3 +271,28 @@ def test_many_problems_at_once_one_per_file(tmp_path):
     assert [(p.subject, Path(p.file).name) for p in problems] == [
         ("sub-01", "sub-01_rec-lowdose_pet.nii.gz"), ("sub-01", "sub-01_T1w.nii.gz"),
         ("sub-02", "sub-02_rec-standard_pet.nii.gz")]
+
+
+def test_cached_verdict_is_the_same_and_follows_file_changes(tmp_path, monkeypatch):
+    import m2diff.data.verdict as verdict
+
+    root = write_site(tmp_path / "site-a")
+    save(ld_path(root, "sub-02"), np.full(SHAPE, np.nan, np.float32))  # one broken subject
+    fresh = validate_site(root)
+    calls = []
+    real = verdict.validate_site
+    monkeypatch.setattr(verdict, "validate_site", lambda *a, **k: calls.append(a) or real(*a, **k))
+    cache = tmp_path / "cache"
+    first = verdict.validate_site_cached(root, cache)
+    second = verdict.validate_site_cached(root, cache)
+    assert first == fresh and second == fresh and len(calls) == 1  # read once, then the verdict
+    # A repaired file (new size/mtime) means a fresh validation with the new verdict.
+    save(ld_path(root, "sub-02"), phantom(SHAPE, seed=1))
+    third = verdict.validate_site_cached(root, cache)
+    assert len(calls) == 2 and ids(third[0]) == ["sub-01", "sub-02", "sub-03"] and third[1] == []
+    # Other settings are another verdict; a damaged cache file is validated again.
+    verdict.validate_site_cached(root, cache, require_t1=False)
+    assert len(calls) == 3
+    for f in cache.glob("validation-*.npz"):
+        f.write_bytes(b"not a zip")
+    assert verdict.validate_site_cached(root, cache) == third and len(calls) == 4
