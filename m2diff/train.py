@@ -47,9 +47,10 @@ class TrainResult:
 
     loss: float  # mean of ``losses``
     num_examples: int
-    steps: int
+    steps: int  # optimiser steps taken
     seconds: float
-    losses: list[float] = field(default_factory=list)  # one per step
+    # One per step that had slices (a DP step on an empty Poisson batch has no loss).
+    losses: list[float] = field(default_factory=list)
     logs: dict[str, float] = field(default_factory=dict)  # per-term means (mse_pet, ...)
     optimizer: torch.optim.Optimizer | None = None  # to continue with the same state
     ema: EMA | None = None
@@ -165,6 +166,23 @@ def _batches(slices: Any, batch_size: int, steps: int, seed: int, num_workers: i
                           num_workers=num_workers, pin_memory=pin)
 
 
+def _empty(batch: Any) -> bool:
+    """A batch without slices (Opacus' Poisson sampling: [] or zero-length tensors)."""
+    if not batch:
+        return True
+    ld = batch.get("ld") if isinstance(batch, Mapping) else None
+    return ld is not None and ld.shape[0] == 0
+
+
+def _noise_only_step(optimizer: torch.optim.Optimizer) -> None:
+    """A DPOptimizer step on an empty batch: zero per-sample gradients, so the update is the
+    Gaussian noise alone, and the accountant counts the step."""
+    optimizer.zero_grad(set_to_none=True)
+    for p in optimizer.params:  # type: ignore[attr-defined]
+        p.grad_sample = p.new_zeros((0, *p.shape))
+    optimizer.step()
+
+
 def _amp(device: torch.device, enabled: bool) -> torch.dtype | None:
     if device.type != "cuda" or not enabled:
         return None
@@ -192,6 +210,9 @@ def train_steps(model: nn.Module, slices: Any, cfg: DictConfig, steps: int,
       channels_last when ``train.channels_last``;
     - ``loader`` (e.g. Opacus' Poisson-sampling DPDataLoader over ``training_dataset(slices)``)
       replaces the built-in batches: ``steps`` batches are taken from it, pass after pass;
+      under a DPOptimizer an empty batch runs no forward and takes a noise-only step (counted
+      by the accountant); a model carrying ``grad_sample_step`` (m2diff.privacy.make_private
+      with privacy.noise_multiplicity > 1) computes its own per-sample gradients;
     - ``ema`` is updated after each step; with ``ema=None`` and ``train.ema_decay > 0`` a new
       one starts from the current weights (returned in the result).
     The model stays on ``device`` (default ``cfg.device``) in train mode, contiguous memory format.
@@ -213,6 +234,7 @@ def train_steps(model: nn.Module, slices: Any, cfg: DictConfig, steps: int,
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     clip = float(tcfg.get("grad_clip", 0.0) or 0.0)
     per_sample_clipping = hasattr(optimizer, "noise_multiplier")  # Opacus DPOptimizer
+    grad_sample_step = getattr(model, "grad_sample_step", None) if per_sample_clipping else None
     scheduler = make_scheduler(cfg.model)
     noise_gen = torch.Generator(device=device).manual_seed(_seed(cfg.seed, step_offset, 1))
     if loader is not None:
@@ -225,9 +247,18 @@ def train_steps(model: nn.Module, slices: Any, cfg: DictConfig, steps: int,
     task = bar.add_task("train", total=steps, loss=float("nan")) if bar is not None else None
     losses: list[float] = []
     sums: dict[str, float] = {}
+    done = 0
     start = time.perf_counter()
     with bar if progress is True else nullcontext():  # type: ignore[union-attr]
         for batch in batches:
+            done += 1
+            if per_sample_clipping and _empty(batch):
+                _noise_only_step(optimizer)
+                if ema is not None:
+                    ema.update(model)
+                if bar is not None:
+                    bar.update(task, advance=1)
+                continue
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             if device.type == "cuda" and tcfg.get("channels_last", False):
                 batch = {k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v
@@ -236,14 +267,19 @@ def train_steps(model: nn.Module, slices: Any, cfg: DictConfig, steps: int,
                 raise ValueError("training needs standard-dose PET slices (the set has no SD)")
             batch.setdefault("t1", None)
             optimizer.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else nullcontext():
-                loss, logs = training_loss(model, batch, cfg.model, scheduler, noise_gen)
-            scaler.scale(loss).backward()
-            if clip > 0 and not per_sample_clipping:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            scaler.step(optimizer)
-            scaler.update()
+            if grad_sample_step is not None:  # per-sample gradients straight into p.grad_sample
+                with torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else nullcontext():
+                    logs = grad_sample_step(batch, cfg.model, scheduler, noise_gen)
+                optimizer.step()
+            else:
+                with torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else nullcontext():
+                    loss, logs = training_loss(model, batch, cfg.model, scheduler, noise_gen)
+                scaler.scale(loss).backward()
+                if clip > 0 and not per_sample_clipping:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                scaler.step(optimizer)
+                scaler.update()
             if ema is not None:
                 ema.update(model)
             losses.append(logs["loss"])
@@ -257,7 +293,7 @@ def train_steps(model: nn.Module, slices: Any, cfg: DictConfig, steps: int,
         model.to(memory_format=torch.contiguous_format)
     n = max(len(losses), 1)
     return TrainResult(loss=float(np.mean(losses)) if losses else float("nan"),
-                       num_examples=len(slices), steps=len(losses),
+                       num_examples=len(slices), steps=done,
                        seconds=time.perf_counter() - start, losses=losses,
                        logs={k: v / n for k, v in sums.items()}, optimizer=optimizer, ema=ema)
 
