@@ -2,16 +2,21 @@
 privacy budget that persists between rounds on the site's own disk.
 
 Every round starts a fresh ClientApp process in deployment, so the RDP accountant's history
-is kept in ``<site cache folder>/privacy-<run id>-<site>.json`` (written atomically) and
-restored before the next round: the epsilon a site reports after round r covers rounds 1..r
-of that run. A site whose next round would take it above ``privacy.budget_epsilon`` does not
+is kept in ``<site cache folder>/privacy-<federation>-<site>.json`` (written atomically) and
+restored before the next round: the epsilon a site reports after round r covers every round
+of that federation so far. ``<federation>`` is sha256 of the run config's ``out-dir`` (or,
+when that is empty, of the config's ``out``), first 12 hex digits: a resumed federation gets
+a new Flower run id but keeps its out-dir, so it continues the count instead of starting a
+new one. A site whose next round would take it above ``privacy.budget_epsilon`` does not
 train: it replies with the weights it received and ``dp_refused = 1``, which the server
 leaves out of the average (server/strategy.py).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -40,11 +45,18 @@ class PrivacyStateError(RuntimeError):
     """The site's saved privacy budget cannot be read: it refuses to train rather than forget it."""
 
 
+def federation_key(context: Context, run: SiteRun) -> str:
+    """12 hex digits naming the federation, the same across resumes (new run ids): sha256 of
+    the run config's ``out-dir`` (the coordinator's output folder), else of ``cfg.out``."""
+    out = str(context.run_config.get("out-dir", "") or "") or str(run.cfg.get("out", ""))
+    return hashlib.sha256(os.path.normpath(out).encode()).hexdigest()[:12]
+
+
 def state_path(context: Context, run: SiteRun) -> Path:
-    """Where this site keeps the accountant history of this run."""
+    """Where this site keeps the accountant history of this federation."""
     site = re.sub(r"[^A-Za-z0-9_.-]+", "_", run.name)
     return cache_folder(run.site.root, run.cfg.data.get("cache_dir")) / \
-        f"privacy-{int(context.run_id)}-{site}.json"
+        f"privacy-{federation_key(context, run)}-{site}.json"
 
 
 def load_state(path: Path) -> dict[str, Any] | None:
@@ -70,8 +82,9 @@ def dp_train(context: Context, run: SiteRun, model: nn.Module, slices: Any,
     """One round of DP-SGD local training, or a refusal when the budget would be exceeded.
 
     Returns the bare model (trained, or as received when refused), the TrainResult (None when
-    refused) and the metrics every DP reply carries: ``dp_epsilon`` (cumulative, this run)
-    and ``dp_refused`` (0 / 1).
+    refused) and the metrics every DP reply carries: ``dp_epsilon`` (cumulative, this
+    federation, resumes included) and ``dp_refused`` (0 / 1). ``privacy.noise_multiplicity``
+    > 1 trains with per-sample gradients from torch.func (m2diff.privacy.make_private).
     """
     cfg, p = run.cfg, run.cfg.privacy
     delta, budget = float(p.delta), p.get("budget_epsilon")

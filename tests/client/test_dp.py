@@ -13,6 +13,8 @@ from omegaconf import OmegaConf
 from opacus.accountants import RDPAccountant
 
 from client.app import app
+from client.privacy import state_path
+from client.site import SiteRun
 from m2diff.model import build_model
 from m2diff.privacy import (
     accountant_state,
@@ -100,11 +102,11 @@ def _message(arrays: ArrayRecord, node: int, rnd: int) -> Message:
 
 
 def _train(site_dir, run_id: int, node: int, rnd: int, arrays: ArrayRecord,
-           budget: str = "null") -> Message:
+           budget: str = "null", out_dir: str = "") -> Message:
     overrides = ("model=tiny train.steps=2 train.batch_size=2 device=cpu privacy=dp "
                  f"privacy.noise_multiplier=1.0 privacy.budget_epsilon={budget}")
     ctx = Context(run_id=run_id, node_id=node, node_config={"data-path": str(site_dir)},
-                  state=RecordDict(), run_config={"overrides": overrides, "out-dir": ""})
+                  state=RecordDict(), run_config={"overrides": overrides, "out-dir": out_dir})
     reply = app(_message(arrays, node, rnd), ctx)
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     return reply
@@ -118,16 +120,18 @@ def _arrays(reply: Message) -> ArrayRecord:
     return next(iter(reply.content.array_records.values()))
 
 
-def test_client_accounts_across_rounds_refuses_at_budget_and_server_drops_it(tiny_sites, tiny_cfg):
+def test_client_accounts_across_rounds_refuses_at_budget_and_server_drops_it(tiny_sites, tiny_cfg,
+                                                                             tmp_path):
     torch.manual_seed(0)
     model = build_model(tiny_cfg.model)
     plain = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     arrays = ArrayRecord(model.state_dict())
-    run_id = next(_run_ids)
+    run_id, out = next(_run_ids), str(tmp_path / "fed")
     a, b = tiny_sites[0], tiny_sites[2]
 
     # Round 1: both sites train; the weights carry the plain model's names.
-    r1 = {node: _train(site, run_id, node, 1, arrays) for node, site in ((7, a), (8, b))}
+    r1 = {node: _train(site, run_id, node, 1, arrays, out_dir=out)
+          for node, site in ((7, a), (8, b))}
     for reply in r1.values():
         record = _arrays(reply)
         assert {k: tuple(v.shape) for k, v in record.items()} == plain
@@ -138,8 +142,8 @@ def test_client_accounts_across_rounds_refuses_at_budget_and_server_drops_it(tin
 
     # Round 2: site a (no budget) trains on; site b's budget would be exceeded: it refuses.
     global2 = _arrays(r1[7])
-    ra = _train(a, run_id, 7, 2, global2)
-    rb = _train(b, run_id, 8, 2, global2, budget=str(eps_b1 * 1.01))
+    ra = _train(a, run_id, 7, 2, global2, out_dir=out)
+    rb = _train(b, run_id, 8, 2, global2, budget=str(eps_b1 * 1.01), out_dir=out)
     ma, mb = _metrics(ra), _metrics(rb)
     assert ma["dp_epsilon"] > _metrics(r1[7])["dp_epsilon"]  # cumulative: rounds 1..2
     assert mb["dp_refused"] == 1 and mb["train_steps"] == 0
@@ -163,3 +167,28 @@ def test_client_accounts_across_rounds_refuses_at_budget_and_server_drops_it(tin
     # Only refusals: no update, the global model stays.
     strategy = build_strategy(fl, plain)
     assert strategy.aggregate_train(2, [rb]) == (None, None)
+
+
+def test_budget_is_kept_per_federation_out_dir_not_per_run_id(tiny_sites, tiny_cfg, tmp_path):
+    """A resumed federation (new Flower run id, same out-dir) continues its sites' epsilon;
+    another federation (other out-dir) on the same site starts its own count."""
+    site = tiny_sites[1]
+    runs = {"same": str(tmp_path / "fed-a"), "other": str(tmp_path / "fed-b")}
+    keys = {}
+    for label, out in (*runs.items(), ("slash", runs["same"] + "/")):
+        ctx = Context(run_id=next(_run_ids), node_id=7, node_config={"data-path": str(site)},
+                      state=RecordDict(), run_config={"overrides": "privacy=dp", "out-dir": out})
+        path = state_path(ctx, SiteRun.open(ctx))
+        assert path.name.startswith("privacy-") and path.name.endswith(f"-{site.name}.json")
+        keys[label] = path.name
+    assert keys["same"] == keys["slash"] != keys["other"]
+    assert runs["same"] not in keys["same"]  # a hash, not the coordinator's path
+
+    torch.manual_seed(0)
+    arrays = ArrayRecord(build_model(tiny_cfg.model).state_dict())
+    first = _metrics(_train(site, next(_run_ids), 7, 1, arrays, out_dir=runs["same"]))
+    resumed = _metrics(_train(site, next(_run_ids), 7, 2, arrays, out_dir=runs["same"]))
+    other = _metrics(_train(site, next(_run_ids), 7, 1, arrays, out_dir=runs["other"]))
+    assert first["dp_refused"] == resumed["dp_refused"] == other["dp_refused"] == 0
+    assert resumed["dp_epsilon"] > first["dp_epsilon"]  # 4 steps counted, not 2
+    assert other["dp_epsilon"] == pytest.approx(first["dp_epsilon"])
