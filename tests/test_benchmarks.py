@@ -38,3 +38,28 @@ def test_quality_and_sampling_benchmarks_print_their_tables(tmp_path, capsys):
                           "ddim=2,4"]) == 0
     printed = capsys.readouterr().out
     assert "DDIM 2" in printed and "DDIM 4" in printed
+
+
+@pytest.mark.slow
+def test_privacy_benchmark_smoke_prints_timing_and_utility_tables(tmp_path, capsys):
+    privacy = _load("privacy")
+    out = tmp_path / "out"
+    assert privacy.main(["smoke=true", f"sites_dir={tmp_path / 'sites'}", f"out={out}"]) == 0
+    text = (out / "privacy.md").read_text()
+    for row in ("| m2diff | no DP | 1 |", "| m2diff | Opacus hooks | 1 |",
+                "| m2diff | torch.func | 4 |", "| unet | Opacus hooks | 1 |"):
+        assert row in text
+    for method in ("LD input", "m2diff, no DP", "m2diff, ε=3", "m2diff, ε=3, K=4",
+                   "unet (regression), no DP", "unet (regression), ε=3"):
+        assert f"| {method} |" in text
+    assert "PSNR" in text and "ε spent" in text
+    spent = [row["ε spent"] for row in privacy_rows(out) if row["method"].endswith("ε=3")]
+    assert spent and all(2.5 < e <= 3.0 + 1e-6 for e in spent)
+    assert "Time per training step" in capsys.readouterr().out
+
+
+def privacy_rows(out: Path) -> list[dict]:
+    import json
+
+    tables = json.loads((out / "privacy.json").read_text())["tables"]
+    return [row for rows in tables.values() for row in rows]
