@@ -1,58 +1,92 @@
 """``m2diff-server [key=value ...]``: run the coordinator of a federation.
+``m2diff-server status out=DIR``: who is connected, how far the run is, each site's last metrics.
 
-Starts ``flower-superlink`` (TLS by default), submits this repository's Flower app with
-``flwr run``, streams the run's log, reads the real outcome from ``flwr ls`` (``flwr run``
-exits 0 even when the ServerApp fails), prints the final per-site table from ``out`` and
-stops the SuperLink. Exit status: 0 completed, 1 failed, 2 usage error.
+Starts ``flower-superlink`` (TLS by default) with its state in a database under ``out``,
+submits this repository's Flower app with ``flwr run``, streams the run's log, prints one
+progress line per finished round, reads the real outcome from ``flwr ls`` (``flwr run``
+exits 0 even when the ServerApp fails), prints the final per-site table and stops the
+SuperLink. A SuperLink that dies during the run is started again on the same database (the
+sites reconnect by themselves); the run it was serving is lost with it, so the app is
+submitted again and resumes after the last checkpointed round. Exit status: 0 completed,
+1 failed, 2 usage error.
 
 Keys (everything else is a Hydra override, e.g. ``model=tiny fl.rounds=5 train.steps=200``):
   ca=, cert=, key=   TLS: CA certificate, SuperLink certificate (SANs = what sites dial), key
   insecure=true      plain HTTP instead (testing only; explicit)
   auth=true          only SuperNodes whose public key is registered may join
-  auth-keys=DIR      with auth: register every DIR/*.pub (``ssh-keygen -t ecdsa -b 384``)
+  auth-keys=DIR      with auth: register every DIR/*.pub (``ssh-keygen -t ecdsa -b 384``); the
+                     file name (hospital-a.key.pub -> hospital-a) names the site in ``status``
   host=0.0.0.0       address the SuperLink listens on; port=8000 (one port: Fleet+Control)
   address=           what this command dials (default 127.0.0.1:PORT; must match a SAN)
-  out=DIR            checkpoint.pt, rounds.csv/json/png, superlink.log (default runs/federated)
-  database=PATH      SuperLink state file (default in memory)
+  out=DIR            checkpoint.pt, rounds.csv/json/png, server.json (default runs/federated)
+  database=PATH      SuperLink state (registered nodes, runs); default OUT/superlink-state.db,
+                     database=memory keeps it in memory (a restarted SuperLink forgets the sites)
+  restarts=3         how often a SuperLink that died is started again during one command
+  log-dir=DIR        log files (default OUT/logs): m2diff-server.log (this command), superlink.log
+                     (the SuperLink's output), run.log (the ServerApp's log)
+  log-max-mb=10      rotate a log file at this size ...
+  log-backups=5      ... keeping this many old files (NAME.log.1 .. NAME.log.5)
+``status`` takes out= (and, when they differ from what the running command recorded in
+OUT/server.json, address=, ca=, insecure=); exit status 0 when the SuperLink answered.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from m2diff.config import ConfigError, compose, resolve_path
 from server.flwrctl import (
+    FINISHED,
     Federation,
     FlowerError,
+    LogSettings,
+    close_logger,
+    descendants,
+    file_logger,
     flower_env,
+    is_flower_process,
     run_outcome,
+    start_logged,
     stop_group,
+    stop_pids,
     tool,
     write_connection,
 )
 
 KEYS = {"ca", "cert", "key", "insecure", "auth", "auth-keys", "host", "port", "address", "out",
-        "database", "app"}
+        "database", "app", "restarts", "log-dir", "log-max-mb", "log-backups"}
 APP_DIR = Path(__file__).resolve().parents[1]
+STATE_FILE = "server.json"
+DATABASE_FILE = "superlink-state.db"
+IN_MEMORY = ("memory", ":memory:", "none")
+STATUS_EVERY_S = 10.0   # flwr ls (each call is a Python start, ~1 s CPU)
+NODES_EVERY_S = 30.0    # flwr supernode list
 
 
 def parse_words(words: Sequence[str], keys: set[str]) -> tuple[dict[str, str], list[str]]:
-    """Split ``key=value`` words into this command's keys and Hydra overrides."""
+    """Split ``key=value`` words into this command's keys and Hydra overrides.
+
+    A key may be spelled with ``_`` or ``-`` (``log_dir=`` is ``log-dir=``)."""
     args: dict[str, str] = {}
     overrides: list[str] = []
     for word in words:
         key, sep, value = word.partition("=")
         if not sep:
             raise ConfigError(f"'{word}' is not key=value")
-        if key in keys:
-            args[key] = value
+        if key.replace("_", "-") in keys:
+            args[key.replace("_", "-")] = value
         else:
             overrides.append(word)
     return args, overrides
@@ -62,7 +96,15 @@ def truthy(value: str | None) -> bool:
     return str(value).lower() in ("1", "true", "yes", "on")
 
 
-def superlink_command(args: dict[str, str], port: int) -> list[str]:
+def database_path(args: dict[str, str], out: Path) -> Path | None:
+    """The SuperLink's state file (None: in memory)."""
+    value = args.get("database")
+    if value is not None and value.lower() in IN_MEMORY:
+        return None
+    return resolve_path(value) if value else out / DATABASE_FILE
+
+
+def superlink_command(args: dict[str, str], port: int, database: Path | None = None) -> list[str]:
     """The flower-superlink command line for these settings."""
     cmd = [tool("flower-superlink"), "--host", args.get("host", "0.0.0.0"), "--port", str(port),
            "--disable-runtime-dependency-installation"]
@@ -80,9 +122,39 @@ def superlink_command(args: dict[str, str], port: int) -> list[str]:
                 "--ssl-keyfile", str(files["key"])]
     if truthy(args.get("auth")):
         cmd.append("--enable-supernode-auth")
-    if args.get("database"):
-        cmd += ["--database", str(resolve_path(args["database"]))]
+    if database is not None:
+        cmd += ["--database", str(database)]
     return cmd
+
+
+def log_settings(args: dict[str, str], default: Path) -> LogSettings:
+    folder = resolve_path(args.get("log-dir")) or default
+    try:
+        return LogSettings.from_args(folder, args.get("log-max-mb"), args.get("log-backups"))
+    except ValueError as exc:
+        raise ConfigError(f"log-max-mb= / log-backups=: {exc}") from None
+
+
+def read_rows(out: Path) -> list[dict[str, Any]]:
+    """out/rounds.json (written atomically by the ServerApp); [] when absent or unreadable."""
+    try:
+        rows = json.loads((out / "rounds.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return [r for r in rows if isinstance(r, dict) and "round" in r]
+
+
+def read_state(out: Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads((out / STATE_FILE).read_text()))
+    except (OSError, ValueError, TypeError):
+        return {}
+
+
+def write_state(out: Path, state: dict[str, Any]) -> None:
+    from m2diff.report import write_json
+
+    write_json(out / STATE_FILE, state)
 
 
 def print_table(out: Path) -> None:
@@ -94,7 +166,7 @@ def print_table(out: Path) -> None:
     if not path.is_file():
         print(f"m2diff-server: no {path}", file=sys.stderr)
         return
-    rows = json.loads(path.read_text())
+    rows = read_rows(out)
     if rows:
         last = max(int(r["round"]) for r in rows)
         rich_table(table_rows([r for r in rows if int(r["round"]) == last], "federated"),
@@ -116,48 +188,427 @@ def _wait_port(host: str, port: int, proc: subprocess.Popen, timeout: float = 60
     raise FlowerError(f"flower-superlink does not listen on {host}:{port} after {timeout} s")
 
 
+def _clock(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Say:
+    """This command's own lines: to the console (``m2diff-server: ...``) and, with a
+    timestamp, to LOG_DIR/m2diff-server.log."""
+
+    def __init__(self, logger: logging.Logger | None) -> None:
+        self.logger = logger
+
+    def __call__(self, text: str, err: bool = False, style: str | None = None) -> None:
+        if style and not err:
+            from rich.console import Console
+            from rich.text import Text
+
+            Console(file=sys.stdout, highlight=False, soft_wrap=True).print(
+                Text("m2diff-server: ", style="bold") + Text(text, style=style))
+        else:
+            print(f"m2diff-server: {text}", file=sys.stderr if err else sys.stdout, flush=True)
+        if self.logger is not None:
+            self.logger.log(logging.WARNING if err else logging.INFO, "%s", text)
+
+
+class Progress:
+    """One line per round that appears in out/rounds.json: round r/N, the sites that answered,
+    the round's and the whole command's time."""
+
+    def __init__(self, out: Path, last_round: int, say: Callable[..., None]) -> None:
+        self.out, self.last_round, self.say = out, last_round, say
+        self.t0 = time.monotonic()
+        self.stamp: float | None = None
+        rows = read_rows(out)
+        self.seen = max((int(r["round"]) for r in rows), default=0)
+
+    def rebase(self) -> None:
+        """After a resubmission the ServerApp drops rows after its checkpoint: report again
+        from there."""
+        self.seen = min(self.seen, max((int(r["round"]) for r in read_rows(self.out)), default=0))
+        self.stamp = None
+
+    def check(self) -> None:
+        path = self.out / "rounds.json"
+        try:
+            stamp = path.stat().st_mtime_ns
+        except OSError:
+            return
+        if stamp == self.stamp:
+            return
+        self.stamp = stamp
+        rows = read_rows(self.out)
+        for rnd in sorted({int(r["round"]) for r in rows if int(r["round"]) > self.seen}):
+            these = [r for r in rows if int(r["round"]) == rnd]
+            sites = sorted({str(r["site"]) for r in these})
+            trained = sorted({str(r["site"]) for r in these if "train_loss" in r})
+            secs = float(these[0].get("round_train_s", 0) or 0) + \
+                float(these[0].get("round_evaluate_s", 0) or 0)
+            extra = "" if trained == sites else f"; trained: {', '.join(trained) or 'none'}"
+            self.say(f"round {rnd}/{self.last_round} done in {secs:.0f} s: {len(sites)} site(s) "
+                     f"answered ({', '.join(sites)}{extra}); elapsed {_clock(time.monotonic() - self.t0)}",
+                     style="green")
+            self.seen = rnd
+
+
+class Coordinator:
+    """The SuperLink process, its log files and the run it serves, restarted when it dies."""
+
+    def __init__(self, args: dict[str, str], overrides: list[str], out: Path,
+                 logs: LogSettings, say: Say) -> None:
+        self.args, self.overrides, self.out, self.logs, self.say = args, overrides, out, logs, say
+        self.cfg = compose(overrides)
+        self.port = int(args.get("port", 8000))
+        self.database = database_path(args, out)
+        self.cmd = superlink_command(args, self.port, self.database)
+        self.insecure = truthy(args.get("insecure"))
+        # A private FLWR_HOME outside out-dir: Flower installs the app bundle there, and a copy
+        # of the sources inside a folder of the app would end up in the next bundle.
+        self.home = Path(tempfile.mkdtemp(prefix="m2diff-flwr-"))
+        self.address = args.get("address") or f"127.0.0.1:{self.port}"
+        self.ca = resolve_path(args.get("ca"))
+        write_connection(self.home, "m2diff", self.address, self.ca, insecure=self.insecure)
+        self.env = flower_env(self.home)
+        self.ctl = Federation(self.home, "m2diff", self.env)
+        self.link_log = file_logger(logs, "superlink")
+        self.run_log = file_logger(logs, "run")
+        self.link: subprocess.Popen | None = None
+        self.family: list[int] = []
+        self.streamer: subprocess.Popen | None = None
+        self.restarts = 0
+        old = read_state(out)
+        self.state: dict[str, Any] = {
+            "pid": None, "started": datetime.now(UTC).isoformat(timespec="seconds"),
+            "address": self.address, "ca": str(self.ca) if self.ca else None,
+            "insecure": self.insecure, "rounds": int(self.cfg.fl.rounds),
+            "database": str(self.database) if self.database else None,
+            "log_dir": str(logs.folder), "run_id": None, "runs": [], "status": "starting",
+            "superlink_restarts": 0,
+            # node id -> site name, from the registered keys (kept while the database is)
+            "nodes": dict(old.get("nodes") or {}) if self.database else {},
+        }
+        self.previous_run = old.get("run_id") if self.database else None
+        self.previous_link = old.get("superlink_pid")
+
+    # -- the SuperLink ----------------------------------------------------------------------
+    def stop_leftover_link(self) -> None:
+        """The SuperLink of an earlier m2diff-server on this out-dir that was killed without
+        cleaning up (kill -9) still holds the port and the database: stop it."""
+        pid = self.previous_link
+        if not pid or not is_flower_process(int(pid)):
+            return
+        cmdline = Path(f"/proc/{int(pid)}/cmdline").read_bytes().split(b"\0")
+        if b"flower-superlink" not in b" ".join(cmdline) or str(self.port).encode() not in cmdline:
+            return
+        self.say(f"stopping the SuperLink (pid {pid}) an earlier m2diff-server left running", err=True)
+        stop_pids([*descendants(int(pid)), int(pid)], grace_s=10)
+
+    def start_link(self) -> None:
+        self.link, _ = start_logged(self.cmd, self.link_log, None, cwd=self.out, env=self.env)
+        self.save(superlink_pid=self.link.pid)
+        _wait_port("127.0.0.1", self.port, self.link)
+        self.family = []
+        auth = truthy(self.args.get("auth"))
+        self.say(f"SuperLink on {self.args.get('host', '0.0.0.0')}:{self.port} "
+                 f"({'plain HTTP' if self.insecure else 'TLS'}{', SuperNode auth' if auth else ''}; "
+                 f"state {self.database or 'in memory'}); logs in {self.logs.folder}")
+        if auth and self.args.get("auth-keys"):
+            self.register_keys(Path(str(resolve_path(self.args["auth-keys"]))))
+
+    def register_keys(self, folder: Path) -> None:
+        nodes = self.state["nodes"]
+        for pub in sorted(folder.glob("*.pub")):
+            site = pub.name.removesuffix(".pub").removesuffix(".key")
+            node_id, text = self.ctl.register(pub)
+            if node_id is not None:
+                nodes = {k: v for k, v in nodes.items() if v != site}
+                nodes[str(node_id)] = site
+            known = [k for k, v in nodes.items() if v == site]
+            self.say(f"register {pub.name}: {text}"
+                     f"{f' (node {known[0]})' if known else ''}")
+        self.state["nodes"] = nodes
+        self.save()
+
+    def link_died(self) -> bool:
+        assert self.link is not None
+        if self.link.poll() is None:
+            # who belongs to it, while it can still be asked: its children outlive a crash
+            self.family = descendants(self.link.pid) or self.family
+            return False
+        return True
+
+    def restart_link(self) -> None:
+        assert self.link is not None
+        code = self.link.returncode
+        self.restarts += 1
+        self.state["superlink_restarts"] = int(self.state["superlink_restarts"]) + 1
+        limit = int(self.args.get("restarts", 3))
+        self.say(f"the SuperLink exited (status {code}); "
+                 f"{'restarting it' if self.restarts <= limit else 'giving up'} "
+                 f"({self.restarts}/{limit} restarts)", err=True)
+        self.stop_streamer()
+        stop_pids(self.family)  # its superexec and ServerApp, orphaned
+        if self.restarts > limit:
+            raise FlowerError(f"the SuperLink died {self.restarts} times; see "
+                              f"{self.logs.folder / 'superlink.log'}")
+        self.start_link()
+
+    # -- the run ----------------------------------------------------------------------------
+    def save(self, **changes: Any) -> None:
+        self.state.update(changes)
+        write_state(self.out, self.state)
+
+    def submit(self, resume: bool = False) -> int:
+        overrides = list(self.overrides) + (["fl.resume=true"] if resume else [])
+        app_dir = Path(self.args.get("app") or APP_DIR)
+        run_id = self.ctl.submit(app_dir, {"out-dir": str(self.out), "overrides": " ".join(overrides)})
+        self.save(run_id=run_id, runs=[*self.state["runs"], run_id], status="running")
+        self.start_streamer(run_id)
+        return run_id
+
+    def start_streamer(self, run_id: int) -> None:
+        self.stop_streamer()
+        self.streamer, _ = start_logged([tool("flwr"), "log", str(run_id), "m2diff", "--stream"],
+                                        self.run_log, sys.stdout, env=self.env)
+
+    def stop_streamer(self) -> None:
+        if self.streamer is not None:
+            stop_group(self.streamer, grace_s=2)
+            self.streamer = None
+
+    def run_status(self, run_id: int, tries: int = 1) -> dict[str, Any] | None:
+        """The run's ``flwr ls`` row, None when the SuperLink did not answer."""
+        for attempt in range(tries):
+            try:
+                return self.ctl.status(run_id)
+            except (FlowerError, ValueError, subprocess.TimeoutExpired):
+                if attempt + 1 < tries:
+                    time.sleep(2)
+        return None
+
+    def stop_stale_run(self) -> None:
+        """A run of an earlier m2diff-server that the database still calls active (the
+        command was killed with its SuperLink): stop it, so that only our run talks to the sites."""
+        if not self.previous_run:
+            return
+        row = self.run_status(int(self.previous_run), tries=2)
+        if row is not None and not str(row.get("status", "")).startswith(FINISHED):
+            self.ctl.flwr("stop", str(self.previous_run), "m2diff", timeout=60)
+            self.say(f"stopped run {self.previous_run} left {row.get('status')} by an earlier start")
+
+    def watch_nodes(self, seen: dict[str, str]) -> dict[str, str]:
+        try:
+            nodes = self.ctl.nodes()
+        except (FlowerError, ValueError, subprocess.TimeoutExpired):
+            return seen
+        now = {str(n.get("node-id")): str(n.get("status")) for n in nodes}
+        if {k for k, v in now.items() if v == "online"} != {k for k, v in seen.items() if v == "online"}:
+            names = [self.state["nodes"].get(k, f"node {k}") for k, v in sorted(now.items())
+                     if v == "online"]
+            self.say(f"SuperNodes online: {len(names)} ({', '.join(names) or 'none'})")
+        return now
+
+    def supervise(self, run_id: int, progress: Progress) -> dict[str, Any]:
+        """Wait for the run to finish; restart a dead SuperLink and resubmit the lost run."""
+        budget = float(self.cfg.fl.rounds) * 2 * float(self.cfg.fl.round_timeout) + 600
+        deadline = time.monotonic() + budget
+        next_status = time.monotonic() + STATUS_EVERY_S
+        next_nodes = time.monotonic()
+        nodes: dict[str, str] = {}
+        while True:
+            if self.link_died():
+                self.restart_link()
+                row = self.run_status(run_id, tries=5)
+                status = str((row or {}).get("status", "unknown"))
+                if status == "finished:completed":
+                    return row or {}
+                if not status.startswith(FINISHED):
+                    # Its ServerApp's token died with the old SuperLink (Flower 1.42 keeps
+                    # runs and nodes in the database, not the tokens): it cannot go on.
+                    self.ctl.flwr("stop", str(run_id), "m2diff", timeout=60)
+                progress.check()
+                old = run_id
+                run_id = self.submit(resume=True)
+                progress.rebase()
+                self.say(f"run {old} was lost with the SuperLink ({status}); submitted again "
+                         f"as run {run_id}, resuming after round {progress.seen}", err=True)
+                deadline = time.monotonic() + budget
+                next_status = time.monotonic() + STATUS_EVERY_S
+                continue
+            progress.check()
+            now = time.monotonic()
+            streamer_done = self.streamer is not None and self.streamer.poll() is not None
+            if streamer_done or now >= next_status:
+                row = self.run_status(run_id)
+                if row is not None and str(row.get("status", "")).startswith(FINISHED):
+                    if self.streamer is not None:
+                        with contextlib.suppress(subprocess.TimeoutExpired):
+                            self.streamer.wait(timeout=10)
+                    progress.check()
+                    return row
+                next_status = now + (2.0 if streamer_done else STATUS_EVERY_S)
+            if now >= next_nodes:
+                nodes = self.watch_nodes(nodes)
+                next_nodes = now + NODES_EVERY_S
+            if now > deadline:
+                self.ctl.flwr("stop", str(run_id), "m2diff", timeout=60)
+                raise FlowerError(f"run {run_id} did not finish within {budget:.0f} s; stopped")
+            time.sleep(1.0)
+
+    def close(self) -> None:
+        self.stop_streamer()
+        if self.link is not None:
+            family = descendants(self.link.pid) if self.link.poll() is None else self.family
+            stop_group(self.link)
+            stop_pids(family, grace_s=2)
+        close_logger(self.link_log)
+        close_logger(self.run_log)
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
 def serve(args: dict[str, str], overrides: list[str]) -> int:
-    """Start the SuperLink, run the app once, stop the SuperLink; return the exit status."""
-    cfg = compose(overrides)  # fail fast on a bad setting, before any process starts
+    """Start the SuperLink, run the app (again after a SuperLink restart), stop the SuperLink;
+    return the exit status."""
+    import os
+
+    compose(overrides)  # fail fast on a bad setting, before any process starts
     out = resolve_path(args.get("out") or "runs/federated")
     assert out is not None
     out.mkdir(parents=True, exist_ok=True)
-    port = int(args.get("port", 8000))
-    cmd = superlink_command(args, port)
-    # A private FLWR_HOME outside out-dir: Flower installs the app bundle there, and a copy
-    # of the sources inside a folder of the app would end up in the next bundle.
-    home = Path(tempfile.mkdtemp(prefix="m2diff-flwr-"))
-    address = args.get("address") or f"127.0.0.1:{port}"
-    insecure = truthy(args.get("insecure"))
-    write_connection(home, "m2diff", address, resolve_path(args.get("ca")), insecure=insecure)
-    env = flower_env(home)
-    ctl = Federation(home, "m2diff", env)
-    with open(out / "superlink.log", "ab") as log:
-        link = subprocess.Popen(cmd, cwd=out, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+    logs = log_settings(args, out / "logs")
+    own = file_logger(logs, "m2diff-server", "%(asctime)s %(levelname)s %(message)s")
+    say = Say(own)
     try:
-        _wait_port("127.0.0.1", port, link)
-        print(f"m2diff-server: SuperLink on {args.get('host', '0.0.0.0')}:{port} "
-              f"({'plain HTTP' if insecure else 'TLS'}{', SuperNode auth' if truthy(args.get('auth')) else ''}); "
-              f"log {out / 'superlink.log'}", flush=True)
-        if truthy(args.get("auth")) and args.get("auth-keys"):
-            for pub in sorted(Path(str(resolve_path(args["auth-keys"]))).glob("*.pub")):
-                res = ctl.flwr("supernode", "register", str(pub), "m2diff")
-                print(f"m2diff-server: register {pub.name}: "
-                      f"{'ok' if res.returncode == 0 else (res.stdout + res.stderr).strip()[-200:]}")
-        app_dir = Path(args.get("app") or APP_DIR)
-        run_id = ctl.submit(app_dir, {"out-dir": str(out), "overrides": " ".join(overrides)})
-        print(f"m2diff-server: run {run_id} submitted; waiting for {cfg.fl.min_sites} site(s)",
-              flush=True)
-        budget = float(cfg.fl.rounds) * 2 * float(cfg.fl.round_timeout) + 600
-        row = ctl.wait(run_id, timeout=budget, stream=True)
+        coord = Coordinator(args, overrides, out, logs, say)
+    except BaseException:
+        close_logger(own)
+        raise
+    try:
+        coord.save(pid=os.getpid())
+        coord.stop_leftover_link()
+        coord.start_link()
+        coord.stop_stale_run()
+        progress = Progress(out, int(coord.cfg.fl.rounds), say)
+        run_id = coord.submit()
+        say(f"run {run_id} submitted; waiting for {coord.cfg.fl.min_sites} site(s)")
+        row = coord.supervise(run_id, progress)
         ok, text = run_outcome(row)
-        print(f"m2diff-server: run {run_id} {text}", flush=True)
+        run_id = int(coord.state["run_id"])
+        say(f"run {run_id} {text}", err=not ok)
+        coord.save(status=str(row.get("status", "?")))
         print_table(out)
         return 0 if ok else 1
+    except BaseException as exc:
+        coord.save(status=f"m2diff-server stopped: {type(exc).__name__}")
+        raise
     finally:
-        stop_group(link)
+        coord.close()
+        coord.save(pid=None, superlink_pid=None)
+        close_logger(own)
+
+
+# -- m2diff-server status --------------------------------------------------------------------
+
+def _node_rows(nodes: list[dict[str, Any]], names: dict[str, str]) -> list[dict[str, Any]]:
+    rows = []
+    for node in nodes:
+        status = str(node.get("status", "?"))
+        if status == "online":
+            seen = "now"
+        elif node.get("offline-at") not in (None, "", "N/A"):
+            seen = str(node["offline-at"])
+        else:
+            seen = "never"
+        rows.append({"node id": str(node.get("node-id")), "site": names.get(str(node.get("node-id")), "?"),
+                     "status": status, "last seen": seen,
+                     "online since": str(node.get("online-at", "") or "").replace("N/A", "-")})
+    return sorted(rows, key=lambda r: (r["status"] != "online", r["site"]))
+
+
+def _site_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each site's rows of the last round it answered."""
+    last: dict[str, int] = {}
+    for r in rows:
+        last[str(r["site"])] = max(last.get(str(r["site"]), 0), int(r["round"]))
+    out = []
+    for r in rows:
+        if int(r["round"]) == last[str(r["site"])] and int(r.get("n", 0) or 0) > 0:
+            out.append({"site": r["site"], "round": int(r["round"]), "cohort": r["cohort"],
+                        "n": int(r.get("n", 0)), "psnr": r.get("psnr"), "ssim": r.get("ssim"),
+                        "nmse": r.get("nmse"), "suvr_bias_pct": r.get("suvr_bias"),
+                        "train loss": r.get("train_loss")})
+    return sorted(out, key=lambda r: (r["site"], r["cohort"]))
+
+
+def _pid_alive(pid: Any) -> bool:
+    return bool(pid) and Path(f"/proc/{int(pid)}").exists()
+
+
+def status(args: dict[str, str]) -> int:
+    """Print the SuperNodes, the run and each site's last metrics; 0 when the SuperLink answered."""
+    from m2diff.report import print_table as rich_table
+
+    out = resolve_path(args.get("out") or "runs/federated")
+    assert out is not None
+    state = read_state(out)
+    address = args.get("address") or state.get("address") or f"127.0.0.1:{args.get('port', 8000)}"
+    insecure = truthy(args["insecure"]) if "insecure" in args else bool(state.get("insecure"))
+    ca = resolve_path(args.get("ca") or state.get("ca"))
+    if not insecure and (ca is None or not ca.is_file()):
+        raise ConfigError(f"no CA certificate for {address}: give ca=CA.crt (or insecure=true)")
+    rows = read_rows(out)
+    home = Path(tempfile.mkdtemp(prefix="m2diff-flwr-"))
+    try:
+        write_connection(home, "m2diff", address, ca, insecure=insecure)
+        ctl = Federation(home, "m2diff", flower_env(home))
+        reason = ""
+        try:
+            nodes: list[dict[str, Any]] | None = ctl.nodes()
+        except (FlowerError, ValueError, subprocess.TimeoutExpired) as exc:
+            nodes = None
+            reason = str(exc).strip().splitlines()[-1][:200]
+        row = None
+        if nodes is not None and state.get("run_id"):
+            with contextlib.suppress(FlowerError, ValueError, subprocess.TimeoutExpired):
+                row = ctl.status(int(state["run_id"]))
+    finally:
         shutil.rmtree(home, ignore_errors=True)
+    running = _pid_alive(state.get("pid"))
+    print(f"SuperLink {address} ({'plain HTTP' if insecure else 'TLS'}): "
+          f"{'answers' if nodes is not None else 'does not answer (' + reason + ')'}; "
+          f"m2diff-server {'running, pid ' + str(state['pid']) if running else 'not running'}")
+    if nodes is not None:
+        online = sum(1 for n in nodes if n.get("status") == "online")
+        rich_table(_node_rows(nodes, dict(state.get("nodes") or {})),
+                   f"SuperNodes: {online} online, {len(nodes)} known",
+                   ("node id", "site", "status", "last seen", "online since"))
+    done = max((int(r["round"]) for r in rows), default=0)
+    total = state.get("rounds", "?")
+    if state.get("run_id"):
+        if row is not None:
+            _, text = run_outcome(row)
+            elapsed = f", elapsed {_clock(float(row.get('elapsed', 0) or 0))}"
+        else:
+            text, elapsed = f"{state.get('status', '?')} (as m2diff-server last recorded it)", ""
+        restarts = int(state.get("superlink_restarts", 0) or 0)
+        runs = state.get("runs") or []
+        print(f"run {state['run_id']}: {text}{elapsed}; round {done}/{total} done"
+              + (f"; SuperLink restarts {restarts}" if restarts else "")
+              + (f"; earlier runs for this out: {', '.join(map(str, runs[:-1]))}" if len(runs) > 1 else ""))
+    else:
+        print(f"no run recorded in {out / STATE_FILE}; round {done}/{total} done")
+    sites = _site_rows(rows)
+    if sites:
+        rich_table(sites, f"Last metrics per site ({out / 'rounds.json'})",
+                   ("site", "round", "cohort", "n", "psnr", "ssim", "nmse", "suvr_bias_pct",
+                    "train loss"))
+    return 0 if nodes is not None else 1
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -165,8 +616,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(w in ("-h", "--help") for w in words):
         print(__doc__)
         return 0
+    command = "serve"
+    if words and words[0] == "status":
+        command, words = "status", words[1:]
     try:
         args, overrides = parse_words(words, KEYS)
+        if command == "status":
+            if overrides:
+                raise ConfigError(f"status takes out=, address=, ca=, insecure=, port= only, "
+                                  f"not {' '.join(overrides)}")
+            return status(args)
+        with contextlib.suppress(ValueError):  # not in the main thread (tests)
+            signal.signal(signal.SIGTERM, _terminate)
         return serve(args, overrides)
     except ConfigError as exc:
         print(f"m2diff-server: {exc}", file=sys.stderr)

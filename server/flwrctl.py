@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import logging.handlers
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 FINISHED = "finished"
 COMPLETED = "finished:completed"
@@ -131,11 +135,37 @@ class Federation:
             raise FlowerError(f"flwr run failed: {data.get('error-message', data)}")
         return int(data["run-id"])
 
+    def nodes(self) -> list[dict[str, Any]]:
+        """``flwr supernode list --format json``: one dict per SuperNode the SuperLink knows
+        (``node-id``, ``status`` online/offline/registered, ``online-at``, ``offline-at``...)."""
+        proc = self.flwr("supernode", "list", self.connection, "--format", "json", timeout=60)
+        data = _json_out(proc.stdout)
+        if not data.get("success", True):
+            raise FlowerError(f"flwr supernode list: {data.get('error-message', data)}")
+        return [dict(n) for n in data.get("nodes") or []]
+
+    def register(self, public_key: Path) -> tuple[int | None, str]:
+        """``flwr supernode register KEY``: (node id or None, Flower's message)."""
+        proc = self.flwr("supernode", "register", str(public_key), self.connection,
+                         "--format", "json", timeout=60)
+        try:
+            data = _json_out(proc.stdout)
+        except (FlowerError, ValueError):
+            return None, (proc.stdout + proc.stderr).strip()[-300:]
+        if data.get("success", True) and data.get("node-id") is not None:
+            return int(data["node-id"]), "registered"
+        text = str(data.get("error-message", data)).strip().splitlines()[-1][-300:]
+        if "already in use" in text:  # a SuperLink that kept its state (--database)
+            return None, "already registered"
+        return None, text
+
     def status(self, run_id: int) -> dict[str, Any]:
         """The run's row of ``flwr ls --run-id`` (keys include ``status``)."""
         proc = self.flwr("ls", self.connection, "--run-id", str(run_id), "--format", "json",
                          timeout=60)
         data = _json_out(proc.stdout)
+        if not data.get("success", True):
+            raise FlowerError(f"flwr ls: {data.get('error-message', data)}")
         runs = data.get("runs") or []
         if not runs:
             raise FlowerError(f"run {run_id} unknown to the SuperLink: {data}")
@@ -175,6 +205,7 @@ def run_outcome(row: Mapping[str, Any]) -> tuple[bool, str]:
     """(succeeded, one-line description) of a ``flwr ls`` row."""
     status = str(row.get("status", "?"))
     details = str(row.get("status-details", "") or "")
+    details = "" if details == "N/A" else details
     return status == COMPLETED, f"{status}{': ' + details if details else ''}"
 
 
@@ -221,3 +252,110 @@ def stop_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
     while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in family):
         time.sleep(0.1)
     _signal_pids([p for p in family if Path(f"/proc/{p}").exists()], signal.SIGKILL)
+
+
+# -- log files ------------------------------------------------------------------------------
+# Our own lines and every Flower child's output go to size-rotated files (RotatingFileHandler:
+# NAME.log, NAME.log.1 .. NAME.log.BACKUPS), the children's through a reader thread that
+# also echoes them to the console unchanged.
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+LOG_FORMAT = "%(asctime)s %(message)s"
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    """Where the log files go and how they rotate."""
+
+    folder: Path
+    max_bytes: int = 10 * 2**20
+    backups: int = 5
+
+    @classmethod
+    def from_args(cls, folder: Path, max_mb: str | None, backups: str | None) -> LogSettings:
+        """From ``log-max-mb=`` / ``log-backups=`` words (ValueError on nonsense)."""
+        max_bytes = int(float(max_mb) * 2**20) if max_mb not in (None, "") else cls.max_bytes
+        count = int(backups) if backups not in (None, "") else cls.backups
+        if max_bytes < 1 or count < 1:
+            raise ValueError("log-max-mb and log-backups must be positive")
+        return cls(folder, max_bytes, count)
+
+
+def file_logger(settings: LogSettings, name: str, fmt: str = LOG_FORMAT) -> logging.Logger:
+    """A logger writing only to ``settings.folder/NAME.log``, rotated by size.
+
+    Calling it again for the same file replaces the handler (no duplicated lines)."""
+    settings.folder.mkdir(parents=True, exist_ok=True)
+    path = (settings.folder / f"{name}.log").resolve()
+    logger = logging.getLogger(f"m2diff.logfile.{path}")
+    close_logger(logger)
+    handler = logging.handlers.RotatingFileHandler(path, maxBytes=settings.max_bytes,
+                                                   backupCount=settings.backups,
+                                                   encoding="utf-8")
+    handler.setFormatter(logging.Formatter(fmt))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    return logger
+
+
+def close_logger(logger: logging.Logger) -> None:
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+
+
+def pump(stream: IO[bytes], logger: logging.Logger, echo: IO[str] | None,
+         watch: Callable[[str], None] | None = None) -> threading.Thread:
+    """Copy a child's output line by line into ``logger`` (colour codes stripped) and, raw,
+    to ``echo``; ``watch`` sees every stripped line. Returns the (daemon) thread, which ends
+    at the child's EOF."""
+
+    def _run() -> None:
+        with contextlib.suppress(ValueError, OSError):
+            for raw in iter(stream.readline, b""):
+                line = raw.decode("utf-8", errors="replace")
+                if echo is not None:
+                    with contextlib.suppress(ValueError, OSError):
+                        echo.write(line)
+                        echo.flush()
+                text = ANSI.sub("", line).rstrip()
+                if text:
+                    logger.info("%s", text)
+                    if watch is not None:
+                        watch(text)
+
+    thread = threading.Thread(target=_run, name=f"pump-{logger.name}", daemon=True)
+    thread.start()
+    return thread
+
+
+def start_logged(cmd: list[str], logger: logging.Logger, echo: IO[str] | None,
+                 watch: Callable[[str], None] | None = None,
+                 **popen: Any) -> tuple[subprocess.Popen, threading.Thread]:
+    """Start ``cmd`` in a session of its own with stdout+stderr going through ``pump``."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True, **popen)
+    assert proc.stdout is not None
+    return proc, pump(proc.stdout, logger, echo, watch)
+
+
+def is_flower_process(pid: int) -> bool:
+    """True when ``pid`` is alive and runs one of Flower's executables (guards against a pid
+    reused by something else before we signal it)."""
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return False
+    return any(f"{name}" in cmd for name in ("flower-", "flwr-", "/flwr "))
+
+
+def stop_pids(pids: list[int], grace_s: float = 5.0) -> None:
+    """SIGTERM the Flower processes among ``pids`` (left behind when their parent died),
+    then SIGKILL what is still there after ``grace_s``."""
+    alive = [p for p in pids if is_flower_process(p)]
+    _signal_pids(alive, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(is_flower_process(p) for p in alive):
+        time.sleep(0.1)
+    _signal_pids([p for p in alive if is_flower_process(p)], signal.SIGKILL)
