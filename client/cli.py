@@ -1,8 +1,15 @@
 """``m2diff-client [key=value ...]``: join a federation as one hospital site.
 
 Checks the site folder first (the ``m2diff check`` logic) and refuses to start with exit
-status 1 when no subject is usable; then replaces itself with ``flower-supernode``, which
-dials the SuperLink (outbound only) and runs the ClientApp for every round.
+status 1 when no subject is usable; then runs ``flower-supernode``, which dials the
+SuperLink (outbound only) and runs the ClientApp for every round. The SuperNode's output is
+shown on the console and written to LOG_DIR/supernode.log; this command's own lines go to
+LOG_DIR/m2diff-client.log. Both are rotated by size. A SuperNode that ends by itself is
+started again (at once after a connected spell; every 10 s while it keeps failing, e.g.
+Flower's exit code 305 when the coordinator has not registered the key yet or the site's
+previous session still counts as online, up to ``join-timeout`` seconds). Exit status: 0
+after Ctrl-C / SIGTERM, 1 data or TLS problem / SuperNode failure, 2 a bad key, 3 refused
+by the SuperLink (305) for ``join-timeout`` seconds.
 
 Keys:
   superlink=HOST:PORT        the coordinator's SuperLink (required)
@@ -13,21 +20,61 @@ Keys:
   port=9094                  local ClientApp I/O port (each SuperNode on a host needs its own)
   threads=N                  torch CPU threads per ClientApp (default: all cores; use fewer when
                              several SuperNodes or other jobs share the machine)
+  cache-dir=DIR              where this site caches decoded slices and its privacy ledger
+                             (default SITE_DIR/.m2diff-cache; wins over the coordinator's
+                             data.cache_dir); must be writable
+  log-dir=DIR                log files (default SITE_DIR/.m2diff-logs); must be writable
+  log-max-mb=10              rotate a log file at this size ...
+  log-backups=5              ... keeping this many old files (NAME.log.1 .. NAME.log.5)
+  join-timeout=300           seconds a SuperNode that keeps failing is restarted before giving up
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import re
+import signal
+import subprocess
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from m2diff.config import ConfigError, resolve_path
 from m2diff.data.check import summary_line
 from m2diff.data.validate import validate_site
-from server.cli import parse_words, truthy
-from server.flwrctl import flower_env, toml_pairs, tool
+from server.cli import log_settings, parse_words, truthy
+from server.flwrctl import (
+    close_logger,
+    descendants,
+    file_logger,
+    flower_env,
+    start_logged,
+    stop_group,
+    stop_pids,
+    toml_pairs,
+    tool,
+)
 
-KEYS = {"superlink", "root-certificates", "insecure", "data", "site", "auth-key", "port", "threads"}
+KEYS = {"superlink", "root-certificates", "insecure", "data", "site", "auth-key", "port", "threads",
+        "cache-dir", "log-dir", "log-max-mb", "log-backups", "join-timeout"}
+LOG_DIR = ".m2diff-logs"
+
+
+def writable_dir(value: str, key: str) -> Path:
+    """Create ``value`` if needed and check that this account can write into it."""
+    path = resolve_path(value)
+    assert path is not None
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"{key}={value}: not a writable folder ({exc.strerror or exc})") from None
+    return path
 
 
 def supernode_command(args: dict[str, str], site_name: str) -> list[str]:
@@ -49,9 +96,112 @@ def supernode_command(args: dict[str, str], site_name: str) -> list[str]:
         if key is None or not key.is_file():
             raise ConfigError(f"auth-key={args['auth-key']}: no such file")
         cmd += ["--auth-supernode-private-key", str(key)]
-    data = resolve_path(args["data"])
-    cmd += ["--node-config", toml_pairs({"data-path": str(data), "site-name": site_name})]
+    node = {"data-path": str(resolve_path(args["data"])), "site-name": site_name}
+    if args.get("cache-dir"):
+        node["cache-dir"] = str(resolve_path(args["cache-dir"]))
+    cmd += ["--node-config", toml_pairs(node)]
     return cmd
+
+
+class _Stop(Exception):
+    """SIGTERM / SIGINT: stop the SuperNode, exit 0."""
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise _Stop
+
+
+def stop_supernode(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
+    """Stop the SuperNode so that it tells the SuperLink it leaves (Flower deactivates the
+    node in its SIGTERM handler; a second SIGTERM kills it before that, and the SuperLink
+    then refuses the same key as "still online" for up to two heartbeats, ~60 s).
+
+    It may have got the signal already (systemd signals the whole service, a terminal the
+    whole foreground group): give it a moment first, then send exactly one SIGTERM."""
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=3)
+    if proc.poll() is None:
+        family = descendants(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            stop_group(proc, grace_s=1)
+        stop_pids(family, grace_s=2)
+
+
+class Attempt:
+    """What one SuperNode process said about how it ended (Flower's exit code, TLS)."""
+
+    def __init__(self) -> None:
+        self.code: int | None = None
+        self.tls = False
+        self.started = time.monotonic()
+
+    def watch(self, line: str) -> None:
+        match = re.search(r"Exit Code: (\d+)", line)
+        if match:
+            self.code = int(match.group(1))
+        if "CERTIFICATE_VERIFY_FAILED" in line:
+            self.tls = True
+
+
+def run_supernode(cmd: list[str], env: dict[str, str], log: logging.Logger,
+                  supernode_log: logging.Logger, join_timeout: float = 300.0,
+                  retry_s: float = 10.0) -> int:
+    """Run the SuperNode until we are told to stop (exit 0). One that ends by itself is
+    started again: at once when it had been up for a while, every ``retry_s`` while it keeps
+    failing (e.g. Flower exit code 305: the key is not registered yet, or its previous
+    session still counts as online), for at most ``join_timeout`` seconds; then exit 3
+    (refused) or 1. A TLS failure (wrong CA) is not retried: exit 1."""
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(ValueError):  # only possible in the main thread
+            previous[sig] = signal.signal(sig, _stop)
+    proc = None
+    failing_since: float | None = None
+    try:
+        while True:
+            attempt = Attempt()
+            proc, pump = start_logged(cmd, supernode_log, sys.stdout, attempt.watch, env=env)
+            code = proc.wait()
+            pump.join(timeout=5)
+            now = time.monotonic()
+            flower = f" (Flower exit code {attempt.code})" if attempt.code is not None else ""
+            log.warning("SuperNode exited with status %s%s after %.0f s", code, flower,
+                        now - attempt.started)
+            if attempt.tls:
+                _say(log, "the TLS handshake with the SuperLink failed (check root-certificates=);"
+                     " not retrying", err=True)
+                return 1
+            if now - attempt.started > 60:
+                failing_since = None  # it had been connected: a fresh start
+            failing_since = failing_since or attempt.started
+            if now - failing_since >= join_timeout:
+                _say(log, f"the SuperNode keeps ending{flower}; giving up after "
+                     f"{join_timeout:.0f} s", err=True)
+                return 3 if attempt.code == 305 else (code or 1)
+            wait = 0.0 if now - attempt.started > 60 else retry_s
+            _say(log, f"the SuperNode ended{flower}; starting it again in {wait:.0f} s"
+                 + (" (305: key not registered yet, or its previous session still counts as "
+                    "online for up to ~60 s)" if attempt.code == 305 else ""), err=True)
+            time.sleep(wait)
+    except (_Stop, KeyboardInterrupt):
+        log.info("stop requested: stopping the SuperNode")
+        if proc is not None:
+            stop_supernode(proc)
+            log.info("SuperNode stopped (status %s)", proc.returncode)
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if proc is not None and proc.poll() is None:
+            stop_group(proc)
+
+
+def _say(log: logging.Logger, text: str, err: bool = False) -> None:
+    print(f"m2diff-client: {text}", file=sys.stderr if err else sys.stdout, flush=True)
+    log.log(logging.WARNING if err else logging.INFO, "%s", text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -59,6 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(w in ("-h", "--help") for w in words):
         print(__doc__)
         return 0
+    log = supernode_log = None
     try:
         args, rest = parse_words(words, KEYS)
         if rest:
@@ -66,25 +217,49 @@ def main(argv: Sequence[str] | None = None) -> int:
                               "(settings come from the coordinator's run)")
         if not args.get("data"):
             raise ConfigError("data=SITE_DIR is required")
-        site, problems = validate_site(resolve_path(args["data"]))
+        data = resolve_path(args["data"])
+        assert data is not None
+        if args.get("cache-dir"):
+            writable_dir(args["cache-dir"], "cache-dir")
+        settings = log_settings(args, data / LOG_DIR)
+        writable_dir(str(settings.folder), "log-dir")
+        log = file_logger(settings, "m2diff-client", "%(asctime)s %(levelname)s %(message)s")
+        site, problems = validate_site(data)
         for problem in problems:
             print(f"problem: {problem}", file=sys.stderr)
+            log.warning("problem: %s", problem)
         print(summary_line(site, problems))
+        log.info("%s", summary_line(site, problems))
         if not site.subjects:
             print(f"m2diff-client: {site.root} has no usable subjects; not joining the federation",
                   file=sys.stderr)
+            log.error("no usable subjects; not joining the federation")
             return 1
-        cmd = supernode_command(args, args.get("site") or site.name)
+        name = args.get("site") or site.name
+        cmd = supernode_command(args, name)
+        text = (f"starting SuperNode for site {name} -> {args['superlink']}; "
+                f"logs in {settings.folder}"
+                + (f"; cache in {resolve_path(args['cache-dir'])}" if args.get("cache-dir") else ""))
+        print(f"m2diff-client: {text}", flush=True)
+        log.info("%s", text)
+        threads = {"OMP_NUM_THREADS": args["threads"], "MKL_NUM_THREADS": args["threads"]} \
+            if args.get("threads") else {}
+        env = flower_env(resolve_path(os.environ.get("FLWR_HOME", "~/.flwr")), threads)
+        supernode_log = file_logger(settings, "supernode")
+        try:
+            join_timeout = float(args.get("join-timeout", 300))
+        except ValueError:
+            raise ConfigError(f"join-timeout={args['join-timeout']}: not a number of seconds") from None
+        return run_supernode(cmd, env, log, supernode_log, join_timeout)
     except ConfigError as exc:
         print(f"m2diff-client: {exc}", file=sys.stderr)
+        if log is not None:
+            log.error("%s", exc)
         return 2
-    print(f"m2diff-client: starting SuperNode for site {args.get('site') or site.name} "
-          f"-> {args['superlink']}", flush=True)
-    threads = {"OMP_NUM_THREADS": args["threads"], "MKL_NUM_THREADS": args["threads"]} \
-        if args.get("threads") else {}
-    os.execvpe(cmd[0], cmd, flower_env(resolve_path(os.environ.get("FLWR_HOME", "~/.flwr")),
-                                       threads))
-    return 0  # not reached
+    finally:
+        for logger in (log, supernode_log):
+            if logger is not None:
+                close_logger(logger)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Which site folder a ClientApp serves, and its config, data and model for one message.
 
-Deployment: the SuperNode's node config holds ``data-path`` (absolute site folder) and
-``site-name``. Simulation: node config holds only ``partition-id``; the run config's
+Deployment: the SuperNode's node config holds ``data-path`` (absolute site folder),
+``site-name`` and optionally ``cache-dir`` (the site's own cache folder, which wins over the
+coordinator's ``data.cache_dir``). Simulation: node config holds only ``partition-id``; the run config's
 ``sim-sites`` (comma-separated absolute folders) maps it to a folder, named after it.
 Every round starts a fresh ClientApp process in deployment, so nothing is kept in memory
 between rounds; decoded slices are cached on the site's disk by m2diff.data.dataset.
@@ -43,6 +44,15 @@ def site_folder(context: Context) -> tuple[Path, str | None]:
     raise SiteError("no site folder: start the SuperNode with --node-config 'data-path=\"/abs/site\"'")
 
 
+def apply_site_settings(cfg: DictConfig, context: Context) -> DictConfig:
+    """What the site decides itself wins over the coordinator's run config: ``cache-dir``
+    in the node config (``m2diff-client cache-dir=DIR``) replaces ``data.cache_dir``."""
+    cache_dir = str(context.node_config.get("cache-dir", "") or "")
+    if cache_dir:
+        cfg.data.cache_dir = cache_dir
+    return cfg
+
+
 @dataclass
 class SiteRun:
     """Everything one ClientApp call needs: config, usable subjects, device, site name."""
@@ -56,6 +66,7 @@ class SiteRun:
     def open(cls, context: Context) -> SiteRun:
         """Compose the run's config and validate the site (raises SiteError when unusable)."""
         cfg = compose_run_config(context.run_config)
+        apply_site_settings(cfg, context)
         folder, name = site_folder(context)
         site, _ = validate_site(folder, require_sd=True,
                                 require_t1=bool(cfg.data.get("require_t1", True)))
