@@ -172,7 +172,7 @@ def test_compose_commands_use_real_keys():
     args = dict(w.split("=", 1) for w in coord)
     assert args["auth"] == "true" and args["auth-keys"] and args["port"] == "8000"
     assert "insecure" not in args and all(args.get(k) for k in ("ca", "cert", "key"))
-    assert args["data.cache_dir"] == "/var/cache/m2diff"
+    assert "database" not in args  # the SuperLink's state persists under out (the runs volume)
     keys_made = set(services["certs"]["command"][2:])
     for name in ("site-a", "site-b", "site-c"):
         svc = services[name]
@@ -183,6 +183,9 @@ def test_compose_commands_use_real_keys():
         mounts = svc["volumes"]
         assert any(m.endswith(":/data:ro") for m in mounts), "site data must be read-only"
         assert any(m.endswith(":/var/cache/m2diff") for m in mounts), "the cache must be writable"
+        # read-only data: the site's own cache and logs go to the writable volume
+        assert site["cache-dir"] == "/var/cache/m2diff"
+        assert site["log-dir"].startswith("/var/cache/m2diff/")
 
 
 # -- runbooks ----------------------------------------------------------------------------------
