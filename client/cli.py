@@ -23,6 +23,8 @@ Keys:
   cache-dir=DIR              where this site caches decoded slices and its privacy ledger
                              (default SITE_DIR/.m2diff-cache; wins over the coordinator's
                              data.cache_dir); must be writable
+  require-privacy=dp         train only in runs with this privacy (dp | central_dp); other runs
+                             are refused by the ClientApp, naming the site and the setting
   log-dir=DIR                log files (default SITE_DIR/.m2diff-logs); must be writable
   log-max-mb=10              rotate a log file at this size ...
   log-backups=5              ... keeping this many old files (NAME.log.1 .. NAME.log.5)
@@ -59,7 +61,7 @@ from server.flwrctl import (
 )
 
 KEYS = {"superlink", "root-certificates", "insecure", "data", "site", "auth-key", "port", "threads",
-        "cache-dir", "log-dir", "log-max-mb", "log-backups", "join-timeout"}
+        "cache-dir", "log-dir", "log-max-mb", "log-backups", "join-timeout", "require-privacy"}
 LOG_DIR = ".m2diff-logs"
 
 
@@ -99,6 +101,11 @@ def supernode_command(args: dict[str, str], site_name: str) -> list[str]:
     node = {"data-path": str(resolve_path(args["data"])), "site-name": site_name}
     if args.get("cache-dir"):
         node["cache-dir"] = str(resolve_path(args["cache-dir"]))
+    if args.get("require-privacy"):
+        required = str(args["require-privacy"])
+        if required not in ("dp", "central_dp", "none"):
+            raise ConfigError(f"require-privacy={required}: choose dp, central_dp or none")
+        node["require-privacy"] = required
     cmd += ["--node-config", toml_pairs(node)]
     return cmd
 

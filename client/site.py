@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, Context, Message
 from omegaconf import DictConfig
 
 from m2diff.data.layout import Site
-from m2diff.data.validate import validate_site
+from m2diff.data.verdict import validate_site_cached
 from m2diff.fedutil import compose_run_config
 from m2diff.model import build_model
 from m2diff.train import resolve_device
@@ -68,8 +68,9 @@ class SiteRun:
         cfg = compose_run_config(context.run_config)
         apply_site_settings(cfg, context)
         folder, name = site_folder(context)
-        site, _ = validate_site(folder, require_sd=True,
-                                require_t1=bool(cfg.data.get("require_t1", True)))
+        # The verdict is cached on the site's disk: a round does not re-read every volume.
+        site, _ = validate_site_cached(folder, cfg.data.get("cache_dir"), require_sd=True,
+                                       require_t1=bool(cfg.data.get("require_t1", True)))
         if not site.subjects:
             # Problems name subjects and files: they stay in the site's own log.
             raise SiteError(f"site {name or site.name}: no usable subjects (run m2diff check)")

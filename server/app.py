@@ -22,7 +22,8 @@ from m2diff.checkpoint import check_compatible
 from m2diff.config import resolve_path
 from m2diff.fedutil import array_spec, compose_run_config, format_site_table, metric_rows
 from m2diff.model import build_model
-from server.checkpoint import RoundRecorder, load_resume, save_global
+from m2diff.report import write_json
+from server.checkpoint import SITES_FILE, RoundRecorder, load_resume, save_global
 from server.privacy import LEDGER_FILE, ClientLevelAccountant, central_dp_settings, wrap_central_dp
 from server.rounds import RoundTiming, run_rounds
 from server.secagg import SecureTrainPhase, check_secagg, secagg_settings
@@ -114,6 +115,8 @@ def main(grid: Grid, context: Context) -> None:
             for row in rows:
                 row["secagg"] = 1  # this round's update was aggregated under SecAgg+ masks
         recorder.add(rows)
+        # Which node is which site, for `m2diff-server status` (also without SuperNode auth).
+        write_json(out / SITES_FILE, {str(n): name for n, name in sorted(strategy.site_names.items())})
         log(INFO, "round %d: checkpoint written (train %.1f s, evaluate %.1f s)",
             rnd, timing.train_s, timing.evaluate_s)
 

@@ -5,6 +5,7 @@
 ``rounds.json``     one row per round, site and cohort (evaluate metrics of the global
 ``rounds.csv``      model on the site's test subjects, the site's train metrics, timings)
 ``rounds.png``      m2diff.report.plot_rounds
+``sites.json``      node id -> site name, as the sites' replies said
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ CHECKPOINT = "checkpoint.pt"
 ROUNDS_JSON = "rounds.json"
 ROUNDS_CSV = "rounds.csv"
 ROUNDS_PNG = "rounds.png"
+SITES_FILE = "sites.json"
 
 
 @dataclass

@@ -159,7 +159,7 @@ def write_state(out: Path, state: dict[str, Any]) -> None:
 
 def print_table(out: Path) -> None:
     """The last round's per-site, per-cohort table from out/rounds.json."""
-    from m2diff.fedutil import TABLE_COLUMNS, table_rows
+    from m2diff.fedutil import table_columns, table_rows
     from m2diff.report import print_table as rich_table
 
     path = out / "rounds.json"
@@ -169,8 +169,8 @@ def print_table(out: Path) -> None:
     rows = read_rows(out)
     if rows:
         last = max(int(r["round"]) for r in rows)
-        rich_table(table_rows([r for r in rows if int(r["round"]) == last], "federated"),
-                   f"Held-out test subjects after round {last} ({out})", TABLE_COLUMNS)
+        table = table_rows([r for r in rows if int(r["round"]) == last], "federated")
+        rich_table(table, f"Held-out test subjects after round {last} ({out})", table_columns(table))
 
 
 def _wait_port(host: str, port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
@@ -511,6 +511,16 @@ def serve(args: dict[str, str], overrides: list[str]) -> int:
 
 # -- m2diff-server status --------------------------------------------------------------------
 
+def _reported_sites(out: Path) -> dict[str, str]:
+    """node id -> site name as the sites' own replies told the ServerApp (out/sites.json)."""
+    from server.checkpoint import SITES_FILE
+
+    try:
+        return {str(k): str(v) for k, v in json.loads((out / SITES_FILE).read_text()).items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
 def _node_rows(nodes: list[dict[str, Any]], names: dict[str, str]) -> list[dict[str, Any]]:
     rows = []
     for node in nodes:
@@ -581,7 +591,7 @@ def status(args: dict[str, str]) -> int:
           f"m2diff-server {'running, pid ' + str(state['pid']) if running else 'not running'}")
     if nodes is not None:
         online = sum(1 for n in nodes if n.get("status") == "online")
-        rich_table(_node_rows(nodes, dict(state.get("nodes") or {})),
+        rich_table(_node_rows(nodes, {**dict(state.get("nodes") or {}), **_reported_sites(out)}),
                    f"SuperNodes: {online} online, {len(nodes)} known",
                    ("node id", "site", "status", "last seen", "online since"))
     done = max((int(r["round"]) for r in rows), default=0)

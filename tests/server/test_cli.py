@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
 from flwr.common.config import parse_config_args
 
 from client.cli import main as client_main
 from client.cli import supernode_command
-from m2diff.config import compose
+from m2diff.config import ConfigError, compose
 from m2diff.fedutil import compose_run_config, split_overrides
 from m2diff.simulate import run_overrides
 from server.cli import main as server_main
@@ -53,3 +54,10 @@ def test_client_refuses_unusable_site(tmp_path, tiny_sites, capsys):
                              "port": "9100"}, "hospital-a")
     assert cmd[cmd.index("--node-config") + 1] == f"data-path='{site}' site-name='hospital-a'"
     assert "--insecure" in cmd and cmd[cmd.index("--port") + 1] == "9100"
+    # A hospital that insists on DP says so in its node config; a typo is a clear error.
+    cmd = supernode_command({"superlink": "h:8000", "insecure": "true", "data": str(site),
+                             "require-privacy": "dp"}, "hospital-a")
+    assert "require-privacy='dp'" in cmd[cmd.index("--node-config") + 1]
+    with pytest.raises(ConfigError, match="require-privacy=dpp"):
+        supernode_command({"superlink": "h:8000", "insecure": "true", "data": str(site),
+                           "require-privacy": "dpp"}, "hospital-a")

@@ -206,3 +206,14 @@ def test_client_stop_sends_the_supernode_one_sigterm(tmp_path):
     assert "stop requested" in (tmp_path / "logs" / "m2diff-client.log").read_text()
     close_logger(log)
     close_logger(node_log)
+
+
+def test_status_names_nodes_from_the_sites_own_replies(tmp_path):
+    # Without SuperNode auth there are no key names: the ServerApp's sites.json names them.
+    from server.cli import _node_rows, _reported_sites
+
+    assert _reported_sites(tmp_path) == {}
+    (tmp_path / "sites.json").write_text('{"101": "hospital-a", "202": "hospital-b"}')
+    nodes = [{"node-id": 101, "status": "online"}, {"node-id": 303, "status": "offline"}]
+    rows = _node_rows(nodes, {"303": "hospital-c", **_reported_sites(tmp_path)})
+    assert [(r["node id"], r["site"]) for r in rows] == [("101", "hospital-a"), ("303", "hospital-c")]
