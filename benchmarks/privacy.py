@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quality import DEFAULTS, sites, test_subjects  # noqa: E402
+from quality import parse as split_words  # noqa: E402
 
 from m2diff.config import compose, resolve_path  # noqa: E402
 
@@ -69,15 +70,7 @@ def parse(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     if any(w.lower() == "smoke=true" for w in argv):
         own.update(SMOKE)
         overrides += SMOKE_OVERRIDES
-    for word in argv:
-        key, sep, value = word.partition("=")
-        if not sep:
-            raise SystemExit(f"privacy.py: '{word}' is not key=value")
-        if key in OWN:
-            own[key] = value
-        else:
-            overrides.append(word)
-    return overrides, own
+    return split_words(argv, overrides, own, tuple(OWN), "privacy.py")
 
 
 def _floats(text: str) -> list[float]:

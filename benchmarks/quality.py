@@ -52,14 +52,19 @@ COLUMNS = ("method", "n", "psnr", "ssim", "nmse", "suvr_bias_pct", "train_s", "s
 OWN_KEYS = ("sites_dir", "methods", "regenerate")
 
 
-def parse(argv: list[str]) -> tuple[list[str], dict[str, str]]:
-    """Split ``key=value`` words into config overrides and this script's own keys."""
-    overrides, own = list(DEFAULTS), {}
+def parse(argv: list[str], overrides: list[str] | None = None, own: dict[str, str] | None = None,
+          own_keys: tuple[str, ...] | None = None, script: str = "quality.py"
+          ) -> tuple[list[str], dict[str, str]]:
+    """Split ``key=value`` words into config overrides (after ``overrides``, default
+    ``DEFAULTS``) and the script's own keys (``own_keys``, starting from ``own``)."""
+    overrides = list(DEFAULTS if overrides is None else overrides)
+    own = dict(own or {})
+    keys = OWN_KEYS if own_keys is None else own_keys
     for word in argv:
         key, sep, value = word.partition("=")
         if not sep:
-            raise SystemExit(f"quality.py: '{word}' is not key=value")
-        if key in OWN_KEYS:
+            raise SystemExit(f"{script}: '{word}' is not key=value")
+        if key in keys:
             own[key] = value
         else:
             overrides.append(word)
