@@ -33,7 +33,6 @@ OUT/server.json, address=, ca=, insecure=); exit status 0 when the SuperLink ans
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import shutil
 import signal
@@ -64,11 +63,12 @@ from server.flwrctl import (
     tool,
     write_connection,
 )
+from server.runstate import clock, read_rows, read_state, truthy, write_state
+from server.status import status
 
 KEYS = {"ca", "cert", "key", "insecure", "auth", "auth-keys", "host", "port", "address", "out",
         "database", "app", "restarts", "log-dir", "log-max-mb", "log-backups"}
 APP_DIR = Path(__file__).resolve().parents[1]
-STATE_FILE = "server.json"
 DATABASE_FILE = "superlink-state.db"
 IN_MEMORY = ("memory", ":memory:", "none")
 STATUS_EVERY_S = 10.0   # flwr ls (each call is a Python start, ~1 s CPU)
@@ -90,10 +90,6 @@ def parse_words(words: Sequence[str], keys: set[str]) -> tuple[dict[str, str], l
         else:
             overrides.append(word)
     return args, overrides
-
-
-def truthy(value: str | None) -> bool:
-    return str(value).lower() in ("1", "true", "yes", "on")
 
 
 def database_path(args: dict[str, str], out: Path) -> Path | None:
@@ -135,28 +131,6 @@ def log_settings(args: dict[str, str], default: Path) -> LogSettings:
         raise ConfigError(f"log-max-mb= / log-backups=: {exc}") from None
 
 
-def read_rows(out: Path) -> list[dict[str, Any]]:
-    """out/rounds.json (written atomically by the ServerApp); [] when absent or unreadable."""
-    try:
-        rows = json.loads((out / "rounds.json").read_text())
-    except (OSError, ValueError):
-        return []
-    return [r for r in rows if isinstance(r, dict) and "round" in r]
-
-
-def read_state(out: Path) -> dict[str, Any]:
-    try:
-        return dict(json.loads((out / STATE_FILE).read_text()))
-    except (OSError, ValueError, TypeError):
-        return {}
-
-
-def write_state(out: Path, state: dict[str, Any]) -> None:
-    from m2diff.report import write_json
-
-    write_json(out / STATE_FILE, state)
-
-
 def print_table(out: Path) -> None:
     """The last round's per-site, per-cohort table from out/rounds.json."""
     from m2diff.fedutil import table_columns, table_rows
@@ -186,11 +160,6 @@ def _wait_port(host: str, port: int, proc: subprocess.Popen, timeout: float = 60
                 return
         time.sleep(0.3)
     raise FlowerError(f"flower-superlink does not listen on {host}:{port} after {timeout} s")
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 class Say:
@@ -248,7 +217,7 @@ class Progress:
                 float(these[0].get("round_evaluate_s", 0) or 0)
             extra = "" if trained == sites else f"; trained: {', '.join(trained) or 'none'}"
             self.say(f"round {rnd}/{self.last_round} done in {secs:.0f} s: {len(sites)} site(s) "
-                     f"answered ({', '.join(sites)}{extra}); elapsed {_clock(time.monotonic() - self.t0)}",
+                     f"answered ({', '.join(sites)}{extra}); elapsed {clock(time.monotonic() - self.t0)}",
                      style="green")
             self.seen = rnd
 
@@ -510,112 +479,6 @@ def serve(args: dict[str, str], overrides: list[str]) -> int:
 
 
 # -- m2diff-server status --------------------------------------------------------------------
-
-def _reported_sites(out: Path) -> dict[str, str]:
-    """node id -> site name as the sites' own replies told the ServerApp (out/sites.json)."""
-    from server.checkpoint import SITES_FILE
-
-    try:
-        return {str(k): str(v) for k, v in json.loads((out / SITES_FILE).read_text()).items()}
-    except (OSError, ValueError, AttributeError):
-        return {}
-
-
-def _node_rows(nodes: list[dict[str, Any]], names: dict[str, str]) -> list[dict[str, Any]]:
-    rows = []
-    for node in nodes:
-        status = str(node.get("status", "?"))
-        if status == "online":
-            seen = "now"
-        elif node.get("offline-at") not in (None, "", "N/A"):
-            seen = str(node["offline-at"])
-        else:
-            seen = "never"
-        rows.append({"node id": str(node.get("node-id")), "site": names.get(str(node.get("node-id")), "?"),
-                     "status": status, "last seen": seen,
-                     "online since": str(node.get("online-at", "") or "").replace("N/A", "-")})
-    return sorted(rows, key=lambda r: (r["status"] != "online", r["site"]))
-
-
-def _site_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each site's rows of the last round it answered."""
-    last: dict[str, int] = {}
-    for r in rows:
-        last[str(r["site"])] = max(last.get(str(r["site"]), 0), int(r["round"]))
-    out = []
-    for r in rows:
-        if int(r["round"]) == last[str(r["site"])] and int(r.get("n", 0) or 0) > 0:
-            out.append({"site": r["site"], "round": int(r["round"]), "cohort": r["cohort"],
-                        "n": int(r.get("n", 0)), "psnr": r.get("psnr"), "ssim": r.get("ssim"),
-                        "nmse": r.get("nmse"), "suvr_bias_pct": r.get("suvr_bias"),
-                        "train loss": r.get("train_loss")})
-    return sorted(out, key=lambda r: (r["site"], r["cohort"]))
-
-
-def _pid_alive(pid: Any) -> bool:
-    return bool(pid) and Path(f"/proc/{int(pid)}").exists()
-
-
-def status(args: dict[str, str]) -> int:
-    """Print the SuperNodes, the run and each site's last metrics; 0 when the SuperLink answered."""
-    from m2diff.report import print_table as rich_table
-
-    out = resolve_path(args.get("out") or "runs/federated")
-    assert out is not None
-    state = read_state(out)
-    address = args.get("address") or state.get("address") or f"127.0.0.1:{args.get('port', 8000)}"
-    insecure = truthy(args["insecure"]) if "insecure" in args else bool(state.get("insecure"))
-    ca = resolve_path(args.get("ca") or state.get("ca"))
-    if not insecure and (ca is None or not ca.is_file()):
-        raise ConfigError(f"no CA certificate for {address}: give ca=CA.crt (or insecure=true)")
-    rows = read_rows(out)
-    home = Path(tempfile.mkdtemp(prefix="m2diff-flwr-"))
-    try:
-        write_connection(home, "m2diff", address, ca, insecure=insecure)
-        ctl = Federation(home, "m2diff", flower_env(home))
-        reason = ""
-        try:
-            nodes: list[dict[str, Any]] | None = ctl.nodes()
-        except (FlowerError, ValueError, subprocess.TimeoutExpired) as exc:
-            nodes = None
-            reason = str(exc).strip().splitlines()[-1][:200]
-        row = None
-        if nodes is not None and state.get("run_id"):
-            with contextlib.suppress(FlowerError, ValueError, subprocess.TimeoutExpired):
-                row = ctl.status(int(state["run_id"]))
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
-    running = _pid_alive(state.get("pid"))
-    print(f"SuperLink {address} ({'plain HTTP' if insecure else 'TLS'}): "
-          f"{'answers' if nodes is not None else 'does not answer (' + reason + ')'}; "
-          f"m2diff-server {'running, pid ' + str(state['pid']) if running else 'not running'}")
-    if nodes is not None:
-        online = sum(1 for n in nodes if n.get("status") == "online")
-        rich_table(_node_rows(nodes, {**dict(state.get("nodes") or {}), **_reported_sites(out)}),
-                   f"SuperNodes: {online} online, {len(nodes)} known",
-                   ("node id", "site", "status", "last seen", "online since"))
-    done = max((int(r["round"]) for r in rows), default=0)
-    total = state.get("rounds", "?")
-    if state.get("run_id"):
-        if row is not None:
-            _, text = run_outcome(row)
-            elapsed = f", elapsed {_clock(float(row.get('elapsed', 0) or 0))}"
-        else:
-            text, elapsed = f"{state.get('status', '?')} (as m2diff-server last recorded it)", ""
-        restarts = int(state.get("superlink_restarts", 0) or 0)
-        runs = state.get("runs") or []
-        print(f"run {state['run_id']}: {text}{elapsed}; round {done}/{total} done"
-              + (f"; SuperLink restarts {restarts}" if restarts else "")
-              + (f"; earlier runs for this out: {', '.join(map(str, runs[:-1]))}" if len(runs) > 1 else ""))
-    else:
-        print(f"no run recorded in {out / STATE_FILE}; round {done}/{total} done")
-    sites = _site_rows(rows)
-    if sites:
-        rich_table(sites, f"Last metrics per site ({out / 'rounds.json'})",
-                   ("site", "round", "cohort", "n", "psnr", "ssim", "nmse", "suvr_bias_pct",
-                    "train loss"))
-    return 0 if nodes is not None else 1
-
 
 def _terminate(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt

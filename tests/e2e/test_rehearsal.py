@@ -13,7 +13,6 @@ no iproute2) the test is skipped and says so: the loopback deployment test still
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from server.flwrctl import Federation, flower_env, toml_pairs, tool, write_connection
+from server.flwrctl import ANSI, Federation, flower_env, toml_pairs, tool, write_connection
 from tests import netlab
 from tests.flower_procs import REPO, ProcessSet
 
@@ -141,7 +140,7 @@ def _print_summary(rows: list[dict], logs: dict[str, str]) -> None:
           f"{all(r.get('secagg') == 1 for r in rows)}")
     print(format_site_table([r for r in rows if r["round"] == last]))
     for host, text in logs.items():
-        text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # Flower's log colours
+        text = ANSI.sub("", text)  # Flower's log colours
         line = next((ln for ln in text.splitlines() if "Exit Code: 305" in ln), "")
         detail = next((ln.strip() for ln in text.splitlines()
                        if "Failed to activate" in ln or "CERTIFICATE_VERIFY_FAILED" in ln), "")

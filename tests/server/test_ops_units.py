@@ -210,7 +210,7 @@ def test_client_stop_sends_the_supernode_one_sigterm(tmp_path):
 
 def test_status_names_nodes_from_the_sites_own_replies(tmp_path):
     # Without SuperNode auth there are no key names: the ServerApp's sites.json names them.
-    from server.cli import _node_rows, _reported_sites
+    from server.status import _node_rows, _reported_sites
 
     assert _reported_sites(tmp_path) == {}
     (tmp_path / "sites.json").write_text('{"101": "hospital-a", "202": "hospital-b"}')
