@@ -55,9 +55,10 @@ class RegistrationSettings:
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"prepare.registration: missing or malformed setting ({exc})") from None
         if not (8 <= out.bins <= 256 and 0 < out.sampling <= 1 and out.levels_mm
-                and out.iterations >= 1 and out.threads >= 1):
+                and out.iterations >= 1 and out.threads >= 1 and out.seed >= 1):
             raise ConfigError("prepare.registration: bins in [8, 256], sampling in (0, 1], "
-                              "levels_mm non-empty, iterations >= 1, threads >= 1")
+                              "levels_mm non-empty, iterations >= 1, threads >= 1, seed >= 1 "
+                              "(SimpleITK reads seed 0 as 'seed from the clock')")
         return out
 
 
@@ -127,6 +128,18 @@ def register_rigid(pet: sitk.Image, t1: sitk.Image, settings: RegistrationSettin
     """Register ``t1`` (moving) to ``pet`` (fixed); ``brain`` (X, Y, Z) bool on the PET
     grid is where the quality number is measured. Never raises for poor data: a
     registration that went wrong shows in ``nmi``."""
+    # Every ITK filter inside (pyramid smoothing, metric) runs on ``threads`` threads: with
+    # the machine's default, sums change order between runs (transforms differed by 1e-7).
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(settings.threads)
+    try:
+        return _register(pet, t1, settings, brain)
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+
+
+def _register(pet: sitk.Image, t1: sitk.Image, settings: RegistrationSettings,
+              brain: np.ndarray) -> Registration:
     start_time = time.perf_counter()
     pet = sitk.Cast(pet, sitk.sitkFloat32)
     t1 = sitk.Cast(t1, sitk.sitkFloat32)
