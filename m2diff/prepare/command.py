@@ -31,9 +31,9 @@ def _line(subject: str, outcome: Outcome | None, unchanged: bool) -> None:
         detail = (f" (NMI {reg['NormalisedMutualInformation']:.3f}, rotation "
                   f"{reg['RotationDeg']:.1f} deg, shift {shift:.1f} mm, {reg['Seconds']:.1f} s)")
     if unchanged:
-        state = "unchanged, kept" if outcome.ok else "unchanged, still failing"
+        state = "unchanged, kept" if outcome.ok else "unchanged, still left out"
     else:
-        state = "prepared" if outcome.ok else "FAILED"
+        state = "prepared" if outcome.ok else "left out (problem below)"
     print(f"{subject}: {state}{detail}", flush=True)
 
 
