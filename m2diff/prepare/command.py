@@ -33,7 +33,7 @@ def _line(subject: str, outcome: Outcome | None, unchanged: bool) -> None:
     if unchanged:
         state = "unchanged, kept" if outcome.ok else "unchanged, still left out"
     else:
-        state = "prepared" if outcome.ok else "left out (problem below)"
+        state = "prepared" if outcome.ok else "left out, see the problem below"
     print(f"{subject}: {state}{detail}", flush=True)
 
 

@@ -11,8 +11,9 @@ Quality: after registration the normalised mutual information (Studholme's
 (H(PET) + H(T1)) / H(PET, T1), 1 = independent) between the PET and the resampled T1 is
 measured inside the PET's brain, both smoothed to 6 mm FWHM (so a 1/100-dose PET's noise
 does not pull it down); a value below ``min_nmi`` marks a failed registration. Measured on
-generated subjects (tiny preset): 1.04-1.10 when right, 1.03-1.06 for a 5 mm error, about
-1.01 for a 20-degree error or a flipped head.
+generated subjects: 1.08-1.11 when right against an SD, 1.03-1.04 against a 1/100-dose LD
+(tiny preset), 1.03-1.06 for a 5 mm error, about 1.01 for a 20-degree error or a head
+upside down.
 """
 
 from __future__ import annotations
