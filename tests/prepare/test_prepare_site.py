@@ -87,3 +87,30 @@ def test_rerun_is_incremental_and_deterministic(prepared, raw_export, prepare_cf
     assert _registration(out, "sub-005")["PETToT1TransformRAS"] == \
         _registration(out, "sub-002")["PETToT1TransformRAS"]
     assert "sub-005\tAD" in (out / "participants.tsv").read_text()
+
+
+def test_sd_on_another_grid_is_resampled_and_inference_sites_need_no_sd(raw_export, prepare_cfg,
+                                                                        tmp_path):
+    export = tmp_path / "export"
+    export.mkdir()
+    for sid in ("002", "004"):
+        shutil.copytree(raw_export / sid, export / sid)
+    (export / "participants.tsv").write_text("participant_id\tdiagnosis\n002\tCN\n004\tAD\n")
+    # 002: the SD reconstructed on a grid two slices shorter; 004: no SD at all
+    sd = export / "002" / "nifti" / "pet_standard_dose.nii.gz"
+    img = nib.load(str(sd))
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:, :, 2:],
+                             img.affine @ np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 2], [0, 0, 0, 1.0]])),
+             str(sd))
+    (export / "004" / "nifti" / "pet_standard_dose.nii.gz").unlink()
+    cfg = OmegaConf.to_container(prepare_cfg.prepare)
+    out = tmp_path / "inference"
+    result = prepare_site(export, out, None, cfg, require_sd=False)
+    assert result.prepared == ["sub-002", "sub-004"]
+    assert any("sub-002: standard-dose PET (48, 48, 26) resampled onto the low-dose PET's grid"
+               in n for n in result.notes)
+    assert nib.load(str(sd_path(out, "sub-002"))).shape == (48, 48, 28)
+    assert not sd_path(out, "sub-004").exists()
+    ld = json.loads(ld_path(out, "sub-004").with_suffix("").with_suffix(".json").read_text())
+    assert ld["M2DiffPrepare"]["T1Registration"]["Reference"] == "low-dose PET"
+    assert "CountsFraction" not in ld
