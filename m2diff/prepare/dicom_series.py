@@ -66,10 +66,10 @@ def scan_series(files: Iterable[Path]) -> tuple[list[Series], list[Path]]:
             continue
         if series_uid not in groups:
             number = ds.get("SeriesNumber")
-            text = " ".join(str(ds.get(k, "") or "") for k in ("SeriesDescription",)).strip()
+            description = str(ds.get("SeriesDescription", "") or "").strip()
             groups[series_uid] = Series(
                 uid=series_uid, modality=str(ds.get("Modality", "") or "").upper(),
-                description=text or str(ds.get("ProtocolName", "") or ""),
+                description=description or str(ds.get("ProtocolName", "") or "").strip(),
                 number=int(number) if number not in (None, "") else None,
                 frames=int(ds.get("NumberOfFrames", 1) or 1))
         groups[series_uid].files.append(path)

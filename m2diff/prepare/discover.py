@@ -97,7 +97,9 @@ def find_volumes(folder: Path, patterns: Mapping[str, list[re.Pattern]],
     """Assign the subject's series under ``folder`` to roles; see the module docstring."""
     files = list_files(folder) if files is None else files
     nifti = [p for p in files if p.name.lower().endswith(_NIFTI)]
-    rest = [p for p in files if p not in set(nifti) and p.suffix.lower() not in (".json", ".csv", ".tsv", ".txt")]
+    skip = set(nifti)
+    rest = [p for p in files
+            if p not in skip and p.suffix.lower() not in (".json", ".csv", ".tsv", ".txt")]
     series, _ = scan_series(rest)
     by_role: dict[str, list[Candidate]] = {r: [] for r in ROLES}
     problems: list[str] = []
