@@ -53,6 +53,14 @@ COMMANDS: dict[str, Command] = {
             keys=("data",),
         ),
         Command(
+            "prepare",
+            "A raw export (DICOM or NIfTI, native grids) -> a checked site: register, resample, QC.",
+            "m2diff.prepare.command:run_prepare",
+            section="prepare",
+            keys=("src", "out", "participants", "prepare.registration.min_nmi",
+                  "prepare.roles.t1|ld|sd", "data.require_sd"),
+        ),
+        Command(
             "figure",
             "PNG of generated subjects: T1 / LD / SD for a CN and an AD subject.",
             "m2diff.data.simulate.figure:run_data_figure",
@@ -119,7 +127,7 @@ def _command_usage(cmd: Command) -> str:
     if cmd.keys:
         lines += ["", "settings (any key of conf/ works; these matter most here):"]
         lines += [f"  {k}" for k in cmd.keys]
-    groups = {g: group_options(g) for g in ("model", "train", "fl", "privacy", "generate")}
+    groups = {g: group_options(g) for g in ("model", "train", "fl", "privacy", "generate", "export")}
     lines += ["", "config groups: " + "; ".join(f"{g}={'|'.join(o)}" for g, o in groups.items() if o)]
     return "\n".join(lines)
 

@@ -62,6 +62,16 @@ def summary_line(site: Site, problems: Sequence[Problem]) -> str:
             f"{k} problem{'s' * (k != 1)}")
 
 
+def prepare_hint(site: Site, problems: Sequence[Problem]) -> str | None:
+    """A line pointing to ``m2diff prepare`` when volumes of a subject lie on different grids."""
+    loose = sorted({p.subject for p in problems if p.subject and "not co-registered" in p.message})
+    if not loose:
+        return None
+    return (f"hint: {site.name}: {len(loose)} subject(s) have T1 and PET on different grids; "
+            "`m2diff prepare src=EXPORT_DIR out=SITE_DIR` registers the T1 to the PET and "
+            "resamples every volume onto the PET's grid (README: Site data)")
+
+
 def run_check(cfg: DictConfig, args: dict[str, str]) -> int:
     """CLI entry: problems to stderr, one summary line per site to stdout.
 
@@ -75,6 +85,10 @@ def run_check(cfg: DictConfig, args: dict[str, str]) -> int:
     for _, problems in checked:
         for problem in problems:
             print(f"problem: {problem}", file=sys.stderr)
+    for site, problems in checked:
+        hint = prepare_hint(site, problems)
+        if hint:
+            print(hint, file=sys.stderr)
     for site, problems in checked:
         print(summary_line(site, problems))
     unusable = [s.name for s, _ in checked if not s.subjects]

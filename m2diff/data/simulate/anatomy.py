@@ -102,20 +102,27 @@ def build_anatomy(templates: Templates, grid: Grid, warp: Warp, atrophy: dict[st
     ``global_atrophy`` is the fraction lost everywhere. Lost grey matter becomes CSF, and the
     T1 darkens accordingly (towards the template's CSF intensity).
     """
-    pos = template_positions(grid, warp)
+    return anatomy_at(templates, template_positions(grid, warp), atrophy, global_atrophy)
+
+
+def anatomy_at(templates: Templates, pos: np.ndarray, atrophy: dict[str, float],
+               global_atrophy: float) -> Anatomy:
+    """``build_anatomy`` at given template-space positions ``pos`` (3, *shape), MNI mm: any
+    set of points (the raw exporter samples a rotated T1 grid with it)."""
+    shape = pos.shape[1:]
     inv = np.linalg.inv(templates.affine)
     vox = np.einsum("ij,j...->i...", inv[:3, :3], pos) + inv[:3, 3].reshape(3, 1, 1, 1)
 
     # Only points that land in the template's brain box can be non-zero: sample just those.
     box = [np.flatnonzero(templates.mask.any(axis=tuple(a for a in range(3) if a != d)))
            for d in range(3)]
-    inside = np.ones(grid.fine_shape, dtype=bool)
+    inside = np.ones(shape, dtype=bool)
     for d in range(3):
         inside &= (vox[d] > box[d][0] - 1) & (vox[d] < box[d][-1] + 1)
     points = vox[:, inside]
 
     def sample(volume: np.ndarray) -> np.ndarray:
-        out = np.zeros(grid.fine_shape, dtype=np.float32)
+        out = np.zeros(shape, dtype=np.float32)
         out[inside] = ndimage.map_coordinates(volume, points, order=1, mode="constant",
                                               cval=0.0, prefilter=False)
         return out

@@ -23,9 +23,16 @@ def run_generate(cfg: DictConfig, args: dict[str, str]) -> int:
         print("m2diff generate: out=DIR is required", file=sys.stderr)
         return 2
     start = time.perf_counter()
+    raw = cfg.get("export", {}).get("format", "site") == "raw"
     try:
-        sites = generate_sites(cfg.generate, out, seed=cfg.get("seed", 0),
-                               progress=sys.stderr.isatty() or sys.stdout.isatty())
+        if raw:
+            from m2diff.data.simulate.export_raw import generate_exports
+
+            sites = generate_exports(cfg.generate, cfg.export, out, seed=cfg.get("seed", 0),
+                                     progress=sys.stderr.isatty() or sys.stdout.isatty())
+        else:
+            sites = generate_sites(cfg.generate, out, seed=cfg.get("seed", 0),
+                                   progress=sys.stderr.isatty() or sys.stdout.isatty())
     except OSError as exc:
         reason = exc.strerror or str(exc)
         where = exc.filename or out
@@ -33,6 +40,7 @@ def run_generate(cfg: DictConfig, args: dict[str, str]) -> int:
         return 2
     seconds = time.perf_counter() - start
     n = int(cfg.generate.subjects) * len(sites)
-    print(f"wrote {len(sites)} site(s), {n} subjects, to {out} in {seconds:.1f} s: "
+    what = "raw export(s)" if raw else "site(s)"
+    print(f"wrote {len(sites)} {what}, {n} subjects, to {out} in {seconds:.1f} s: "
           + ", ".join(s.name for s in sites))
     return 0

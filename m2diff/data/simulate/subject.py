@@ -7,12 +7,12 @@ uptake, the T1 and the standard-dose counts unchanged.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from m2diff.data.simulate.activity import fdg_activity, psf_blur
-from m2diff.data.simulate.anatomy import build_anatomy, draw_warp
+from m2diff.data.simulate.anatomy import Warp, build_anatomy, draw_warp
 from m2diff.data.simulate.fields import random_field
 from m2diff.data.simulate.grid import Grid, make_grid
 from m2diff.data.simulate.mri import t1_weighted
@@ -34,6 +34,10 @@ class SubjectVolumes:
     activity: np.ndarray
     affine: np.ndarray
     hypometabolism: dict[str, float]
+    # What the anatomy was built from, so the raw exporter can draw the same brain elsewhere.
+    warp: Warp | None = None
+    atrophy: dict[str, float] = field(default_factory=dict)
+    global_atrophy: float = 0.0
 
 
 def settings_grid(settings: Settings) -> Grid:
@@ -74,4 +78,5 @@ def simulate_subject(settings: Settings, profile: SiteProfile, diagnosis: str,
                    settings.counts, settings.mlem_iters, scan_rng,
                    post_filter_px=settings.post_filter_mm / float(grid.spacing[0]))
     return SubjectVolumes(t1=t1, ld=scan.ld, sd=scan.sd, activity=activity,
-                          affine=grid.affine.copy(), hypometabolism=hypo)
+                          affine=grid.affine.copy(), hypometabolism=hypo, warp=warp,
+                          atrophy=atrophy, global_atrophy=global_atrophy)
