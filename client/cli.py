@@ -46,6 +46,7 @@ The site's caps and privacy policy (client/site_policy.py; a run outside them is
   max-steps=10000            train.steps per round
   min-batch-size=1           train.batch_size
   min-split-subjects=1       subjects of the train / test split a message uses
+  max-model-mparams=500      model size (millions of parameters; model=paper has 200)
   require-privacy=dp         train and evaluate only in runs with this privacy (dp | central_dp)
   max-epsilon=10             sample-level DP: the site's epsilon over its lifetime, all federations
   min-noise-multiplier=0.5   DP noise floor (dp; central_dp: the run's declared noise)

@@ -20,7 +20,13 @@ from flwr.app import ArrayRecord, Context, Message
 from omegaconf import DictConfig
 
 from client.site_errors import SiteError, SitePolicyError
-from client.site_policy import SitePolicy, check_privacy, check_split_size, site_config
+from client.site_policy import (
+    SitePolicy,
+    check_model_size,
+    check_privacy,
+    check_split_size,
+    site_config,
+)
 from m2diff.data.layout import Site, Subject
 from m2diff.data.splits import split_subjects
 from m2diff.data.verdict import validate_site_cached
@@ -67,6 +73,8 @@ class SiteRun:
         policy = SitePolicy.from_node_config({} if virtual else context.node_config)
         cfg = site_config(context.run_config, policy, virtual, name or folder.name)
         check_privacy(cfg, policy, name or folder.name)
+        with torch.device("meta"):  # counted without allocating: the run picks the model
+            check_model_size(sum(p.numel() for p in build_model(cfg.model).parameters()), policy)
         # The verdict is cached on the site's disk, signed with the site's key: a round does
         # not re-read every volume.
         site, _ = validate_site_cached(folder, cfg.data.get("cache_dir"), require_sd=True,

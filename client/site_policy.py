@@ -79,6 +79,7 @@ class SitePolicy:
     max_steps: int = 10_000  # max-steps: train.steps per round
     min_batch_size: int = 1  # min-batch-size: train.batch_size
     min_split_subjects: int = 1  # min-split-subjects: subjects of the split a message uses
+    max_model_mparams: float = 500.0  # max-model-mparams: model size, millions of parameters
     # Privacy policy.
     require_privacy: str = "none"  # require-privacy: none | dp | central_dp
     max_epsilon: float = 10.0  # max-epsilon: sample-level epsilon over the site's lifetime
@@ -253,6 +254,14 @@ def check_caps(cfg: DictConfig, policy: SitePolicy) -> None:
     if batch != int(batch) or batch < policy.min_batch_size:
         raise SitePolicyError(f"train.batch_size={cfg.train.batch_size}: this site needs at least "
                               f"{policy.min_batch_size} (node config min-batch-size)")
+
+
+def check_model_size(parameters: int, policy: SitePolicy) -> None:
+    """A model of more than max-model-mparams million parameters is not built (memory)."""
+    if parameters > policy.max_model_mparams * 1e6:
+        raise SitePolicyError(f"the run's model has {parameters / 1e6:.1f} M parameters; this "
+                              f"site builds at most {policy.max_model_mparams:g} M "
+                              "(node config max-model-mparams)")
 
 
 def check_split_size(split: str, count: int, policy: SitePolicy) -> None:

@@ -97,6 +97,9 @@ def test_caps_of_the_site(tiny_sites, arrays):
     assert reply.has_error() and reply.error.reason == "site-policy"
     reply = _send(tiny_sites[1], arrays, BASE, min_batch_size="8")
     assert reply.has_error() and reply.error.reason == "site-policy"
+    # A model far larger than the site allows is refused before it is built.
+    reply = _send(tiny_sites[1], arrays, f"{BASE} model.channels=[4096,4096,4096]")
+    assert reply.has_error() and reply.error.reason == "site-policy"
 
 
 def test_error_replies_carry_fixed_codes_only(tiny_sites, tmp_path, arrays):
