@@ -70,7 +70,7 @@ class SiteRun:
         """Check and compose the run's config under the site's policy and validate the site
         (raises SitePolicyError / SiteError)."""
         folder, name, virtual = site_folder(context)
-        policy = SitePolicy.from_node_config({} if virtual else context.node_config)
+        policy = SitePolicy.virtual() if virtual else SitePolicy.from_node_config(context.node_config)
         cfg = site_config(context.run_config, policy, virtual, name or folder.name)
         check_privacy(cfg, policy, name or folder.name)
         with torch.device("meta"):  # counted without allocating: the run picks the model

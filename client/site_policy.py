@@ -104,6 +104,13 @@ class SitePolicy:
                 raise SitePolicyError(f"node config {key}={raw!r}: {exc}") from None
         return cls(**values)
 
+    @classmethod
+    def virtual(cls) -> SitePolicy:
+        """A virtual site of ``m2diff simulate``: no hospital behind it, so no caps and no
+        privacy floors of its own (the run's settings are the researcher's)."""
+        return cls(max_steps=2**62, max_model_mparams=math.inf, max_epsilon=math.inf,
+                   min_noise_multiplier=0.0)
+
 
 NODE_KEYS = tuple(f.name.replace("_", "-") for f in fields(SitePolicy))
 

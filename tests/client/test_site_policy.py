@@ -16,7 +16,7 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from client.app import app
 from client.site import SiteRun
 from client.site_errors import SitePolicyError
-from client.site_policy import SitePolicy, check_overrides, site_config
+from client.site_policy import SitePolicy, check_noise, check_overrides, site_config
 from m2diff.config import compose
 from m2diff.model import build_model
 from m2diff.simulate import run_overrides
@@ -139,4 +139,9 @@ def test_what_m2diff_simulate_and_the_coordinator_send_still_composes():
         site_config({"overrides": "train.steps=11"}, SitePolicy(max_steps=10))
     with pytest.raises(SitePolicyError, match="min-split"):
         SitePolicy.from_node_config({"min-split-subjects": "0"})
+    # A simulated site has no hospital's floors: the researcher's settings go.
+    with pytest.raises(SitePolicyError, match="min-noise-multiplier"):
+        check_noise(0.1, SitePolicy())
+    check_noise(0.1, SitePolicy.virtual())
+    site_config({"overrides": "train.steps=20000"}, SitePolicy.virtual(), virtual=True)
     assert os.environ.get("M2DIFF_TEST_SECRET") is None
