@@ -215,12 +215,20 @@ def stop_supernode(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
         stop_pids(family, grace_s=2)
 
 
+# Flower 1.42: a SuperNode whose Fleet request gets a 5xx (seen: the SuperLink's SQLite
+# "database is locked" under load) logs this, deactivates its node and never reconnects,
+# while its process stays up. m2diff-client then restarts it.
+_FLEET_LOST = re.compile(r"Server error '5\d\d [^']*' for url '[^']*/v1/fleet/")
+
+
 class Attempt:
-    """What one SuperNode process said about how it ended (Flower's exit code, TLS)."""
+    """What one SuperNode process said about how it ended (Flower's exit code, TLS, a lost
+    Fleet connection)."""
 
     def __init__(self) -> None:
         self.code: int | None = None
         self.tls = False
+        self.lost = False
         self.started = time.monotonic()
 
     def watch(self, line: str) -> None:
@@ -229,6 +237,8 @@ class Attempt:
             self.code = int(match.group(1))
         if "CERTIFICATE_VERIFY_FAILED" in line:
             self.tls = True
+        if _FLEET_LOST.search(line):
+            self.lost = True
 
 
 def run_supernode(cmd: list[str], env: dict[str, str], log: logging.Logger,
@@ -255,6 +265,13 @@ def run_supernode(cmd: list[str], env: dict[str, str], log: logging.Logger,
             proc, pump = start_logged(cmd, supernode_log, sys.stdout, attempt.watch, env=env)
             if executor is not None:
                 helper, _ = start_logged(executor(proc.pid), supernode_log, sys.stdout, env=env)
+            while proc.poll() is None:
+                if attempt.lost:
+                    _say(log, "the SuperNode lost its connection (a 5xx from the SuperLink; "
+                         "Flower does not reconnect); restarting it", err=True)
+                    stop_supernode(proc)
+                    break
+                time.sleep(0.5)
             code = proc.wait()
             pump.join(timeout=5)
             if helper is not None:
