@@ -218,7 +218,8 @@ def stop_supernode(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
 # Flower 1.42: a SuperNode whose Fleet request gets a 5xx (seen: the SuperLink's SQLite
 # "database is locked" under load) logs this, deactivates its node and never reconnects,
 # while its process stays up. m2diff-client then restarts it.
-_FLEET_LOST = re.compile(r"Server error '5\d\d [^']*' for url '[^']*/v1/fleet/")
+# (Only that bare line: "Failed to send message ...: Server error ..." is not fatal.)
+_FLEET_LOST = re.compile(r"ERROR\W*(?:\[0m)?\W*Server error '5\d\d [^']*' for url '[^']*/v1/fleet/")
 
 
 class Attempt:

@@ -17,7 +17,7 @@ from server.flwrctl import LogSettings, close_logger, file_logger
 LOST = r"""
 import signal, sys, time
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-print("ERROR :     Server error '500 Internal Server Error' for url "
+print("\x1b[91mERROR \x1b[0m:     Server error '500 Internal Server Error' for url "
       "'https://127.0.0.1:1/v1/fleet/pull-messages'", flush=True)
 while True:  # the process stays up, connected to nothing
     time.sleep(0.1)
