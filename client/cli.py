@@ -286,7 +286,7 @@ def run_supernode(cmd: list[str], env: dict[str, str], log: logging.Logger,
                      " not retrying", err=True)
                 return 1
             if now - attempt.started > 60:
-                failing_since = None  # it had been connected: a fresh start
+                failing_since = now  # it had been connected: its failures start now
             failing_since = failing_since or attempt.started
             if now - failing_since >= join_timeout:
                 _say(log, f"the SuperNode keeps ending{flower}; giving up after "
