@@ -16,7 +16,8 @@ the decoded patient slices (``data.cache_dir=``) or make the test set one patien
   ``sample``, ``seed``, and ``data.image_size``, ``data.min_brain_fraction``,
   ``data.norm_percentile``, ``data.require_t1``;
 - keys that are the site's (``SITE_OWNED``: device, cache folder, split, data location,
-  file-size bound, loader workers, output folder, the generator): a value from the coordinator
+  file-size bound, loader workers, output folder, the generator, raw exports and their
+  preparation): a value from the coordinator
   is ignored, with a line in the site's log; the site's node config, else its conf default,
   is used;
 - anything else is refused.
@@ -56,8 +57,9 @@ LEARNING_DATA = ("data.image_size", "data.min_brain_fraction", "data.norm_percen
                  "data.require_t1")
 SITE_OWNED = ("device", "out", "data", "data.path", "data.cache_dir", "data.split",
               "data.require_sd", "data.max_volume_mb", "train.num_workers",
-              "train.checkpoint_every", "generate")
-SITE_OWNED_TREES = ("generate",)  # every key below these is the site's too
+              "train.checkpoint_every", "generate", "export", "prepare")
+# Every key below these is the site's too (the generator, raw exports and their preparation).
+SITE_OWNED_TREES = ("generate", "export", "prepare")
 MAX_OVERRIDES_CHARS = 16_384
 _WORD = re.compile(r"(?P<plus>\+\+)?(?P<key>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)=(?P<value>.*)", re.S)
 _FORBIDDEN_CHARS = ("$", "(", ")", "\\")
