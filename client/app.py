@@ -9,6 +9,11 @@ privacy.side=client`` the server's train config carries a clipping norm and
 ``central_dp_mod`` clips the site's update with Flower's clipping mod before it leaves.
 With ``fl.secagg.enabled=true`` the train phase runs Flower's SecAgg+ (client/secagg.py):
 the weights leave the site only as a masked update the coordinator cannot read alone.
+
+The run config is untrusted: it is checked and composed under the site's policy
+(client/site_policy.py), the site's privacy policy is applied to train and evaluate alike,
+and a message the site does not answer gets an error reply with a fixed code only
+(client/site_errors.py, the outermost mod).
 """
 
 from __future__ import annotations
@@ -28,26 +33,51 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.supercore.differential_privacy import KEY_NORM_BIT
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 
 from client.privacy import dp_train
 from client.secagg import secagg_mod
-from client.site import SiteError, SiteRun
+from client.site import SiteRun
+from client.site_errors import SitePolicyError, site_errors_mod
+from client.site_policy import SitePolicy, check_privacy, run_privacy
 from m2diff.data.dataset import load_slices
-from m2diff.data.splits import split_subjects
 from m2diff.evaluate import evaluate_subjects, site_metrics
 from m2diff.fedutil import add_proximal_term
 from m2diff.model import unwrap_model
 from m2diff.train import make_optimizer, train_steps
 
 
+def site_policy_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """A site with ``require-secagg`` trains only on SecAgg+ messages: a plain train message
+    (the coordinator's ServerApp skipping the protocol whatever the run config says) is
+    refused before anything runs."""
+    if msg.metadata.message_type == MessageType.TRAIN and \
+            RECORD_KEY_CONFIGS not in msg.content.config_records and \
+            SitePolicy.from_node_config(context.node_config).require_secagg:
+        raise SitePolicyError("this site requires secure aggregation (node config "
+                              "require-secagg); the train message is not a SecAgg+ message")
+    return call_next(msg, context)
+
+
 def central_dp_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Flower's client-side clipping mod, only for train messages whose config asks for it
     (``clipping_norm``, sent by the client-side central DP wrappers of server/privacy.py;
-    ``central-dp-clipping`` picks fixed or adaptive). Anything else passes untouched."""
+    ``central-dp-clipping`` picks fixed or adaptive). Anything else passes untouched, except
+    on a site that requires ``central_dp``: there a train message without a clipping norm
+    (server-side clipping: the raw update would leave) is refused, and the norm the message
+    asks for is capped at the site's ``clip-norm``."""
     config = msg.content.config_records.get("config")
+    if msg.metadata.message_type == MessageType.TRAIN and config is not None:
+        policy = SitePolicy.from_node_config(context.node_config)
+        if policy.require_privacy == "central_dp":
+            norm = config.get(KEY_CLIPPING_NORM)
+            if not isinstance(norm, int | float) or not norm > 0:
+                raise SitePolicyError("this site requires central_dp with its own clipping; the "
+                                      "train message asks for none (server-side clipping)")
+            config[KEY_CLIPPING_NORM] = min(float(norm), policy.clip_norm)
     if (msg.metadata.message_type != MessageType.TRAIN or config is None
-            or "clipping_norm" not in config):
+            or KEY_CLIPPING_NORM not in config):
         return call_next(msg, context)
     adaptive = config.get("central-dp-clipping") == "adaptive"
     mod = adaptiveclipping_mod if adaptive else fixedclipping_mod
@@ -68,9 +98,10 @@ def central_dp_mod(msg: Message, context: Context, call_next: ClientAppCallable)
         return reply
 
 
-# SecAgg+ outermost: the clipping mod (and train) run inside its masked-vector stage, so
-# a site's update is clipped before it is masked.
-app = ClientApp(mods=[secagg_mod, central_dp_mod])
+# Fixed-code errors outermost, then the SecAgg+ requirement; SecAgg+ next: the clipping mod
+# (and train) run inside its masked-vector stage, so a site's update is clipped before it is
+# masked.
+app = ClientApp(mods=[site_errors_mod, site_policy_mod, secagg_mod, central_dp_mod])
 
 
 def _reply(msg: Message, run: SiteRun, metrics: dict[str, float],
@@ -87,14 +118,11 @@ REQUIRE_PRIVACY_KEY = "require-privacy"  # node config: the privacy a hospital i
 
 
 def check_required_privacy(context: Context, run: SiteRun) -> None:
-    """A site whose node config says ``require-privacy="dp"`` (or ``central_dp``) trains only
-    in runs with that privacy; otherwise it refuses (the round goes on without it). Every
-    site composes the run's privacy settings, so sites never mix DP and non-DP training."""
-    required = str(context.node_config.get(REQUIRE_PRIVACY_KEY, "") or "none")
-    kind = str(run.cfg.privacy.get("kind", "none"))
-    if required not in ("none", kind):
-        raise SiteError(f"site {run.name} requires privacy={required} (node config "
-                        f"{REQUIRE_PRIVACY_KEY}); this run uses privacy={kind}: not training")
+    """A site whose node config says ``require-privacy="dp"`` (or ``central_dp``) trains and
+    evaluates only in runs with that privacy (and the rest of its privacy policy,
+    client/site_policy.py); otherwise it refuses (SitePolicyError; the round goes on without
+    it). Every site composes the run's privacy settings, so sites never mix DP and non-DP."""
+    check_privacy(run.cfg, SitePolicy.from_node_config(context.node_config), run.name)
 
 
 def _optimizer(model: torch.nn.Module, run: SiteRun, mu: float) -> torch.optim.Optimizer | None:
@@ -110,10 +138,10 @@ def _optimizer(model: torch.nn.Module, run: SiteRun, mu: float) -> torch.optim.O
 def train(msg: Message, context: Context) -> Message:
     """``cfg.train.steps`` optimiser steps on the site's train subjects from the global model."""
     start = time.perf_counter()
-    run = SiteRun.open(context)
-    check_required_privacy(context, run)
+    run = SiteRun.open(context)  # checks the overrides, caps and privacy policy
+    run.subjects("train")  # min-split-subjects
     model = run.model_from(msg)
-    slices = load_slices(run.site, "train", run.cfg.data, int(run.cfg.seed), int(model.stride))
+    slices = load_slices(run.site, "train", run.cfg.data, run.split_seed, int(model.stride))
     config = msg.content.config_records.get("config", ConfigRecord())
     server_round = int(config.get("server-round", 1))
     # A different batch order / noise draw every round, reproducible per site and round.
@@ -124,7 +152,7 @@ def train(msg: Message, context: Context) -> Message:
     ready = time.perf_counter()
     optimizer = _optimizer(model, run, float(config.get("proximal-mu", 0.0)))
     dp_metrics: dict[str, float] = {}
-    if str(run.cfg.privacy.get("kind", "none")) == "dp":
+    if run_privacy(run.cfg) == "dp":
         # DP-SGD; a site whose privacy budget is spent replies with the weights it received.
         model, result, dp_metrics = dp_train(context, run, model, slices, optimizer,
                                              seed=int(run.cfg.seed) * 1000 + server_round)
@@ -151,9 +179,9 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Metrics of the LD input and the global model on the site's test subjects, per cohort."""
     start = time.perf_counter()
-    run = SiteRun.open(context)
+    run = SiteRun.open(context)  # the same policy as train: no answer in runs it refuses
+    test = run.subjects("test")
     model = run.model_from(msg).eval()
-    test = split_subjects(run.site.subjects, run.cfg.data.split, int(run.cfg.seed))["test"]
     with torch.no_grad():
         rows = evaluate_subjects(model, run.cfg, run.site, test, run.device)
     metrics = site_metrics(rows, method=str(run.cfg.model.arch))

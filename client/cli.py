@@ -1,8 +1,13 @@
 """``m2diff-client [key=value ...]``: join a federation as one hospital site.
+``m2diff-client fab-hash [APP_DIR]``: print the hash of an app folder (default: the current
+folder) as ``flwr run APP_DIR`` would submit it, for ``allow-fab=``.
 
 Checks the site folder first (the ``m2diff check`` logic) and refuses to start with exit
 status 1 when no subject is usable; then runs ``flower-supernode``, which dials the
-SuperLink (outbound only) and runs the ClientApp for every round. The SuperNode's output is
+SuperLink (outbound only) and runs the ClientApp for every round. With ``allow-fab=`` the
+SuperNode runs in Flower's process isolation and the ClientApp processes are started by
+``m2diff-superexec`` / ``m2diff-clientapp``, which refuse any app whose hash is not listed,
+before any of its code runs (client/app_pinning.py). The SuperNode's output is
 shown on the console and written to LOG_DIR/supernode.log; this command's own lines go to
 LOG_DIR/m2diff-client.log. Both are rotated by size. A SuperNode that ends by itself is
 started again (at once after a connected spell; every 10 s while it keeps failing, e.g.
@@ -16,19 +21,39 @@ Keys:
   root-certificates=CA.crt   the federation CA (TLS, the default)
   insecure=true              plain HTTP instead (testing only; explicit)
   data=SITE_DIR              the site folder (required); site=NAME (default: folder name)
+  allow-fab=HASH[,HASH]      the apps (FAB sha256, m2diff-client fab-hash) this site runs;
+                             any other app the coordinator sends is refused before it runs
+  allow-fab-file=FILE        the same, one hash per line (# comments); one of the two is
+                             required; allow-fab=any runs whatever app comes (testing only)
   auth-key=PATH              SuperNode authentication private key (its .pub registered by the coordinator)
   port=9094                  local ClientApp I/O port (each SuperNode on a host needs its own)
   threads=N                  torch CPU threads per ClientApp (default: all cores; use fewer when
                              several SuperNodes or other jobs share the machine)
-  cache-dir=DIR              where this site caches decoded slices and its privacy ledger
-                             (default SITE_DIR/.m2diff-cache; wins over the coordinator's
-                             data.cache_dir); must be writable
-  require-privacy=dp         train only in runs with this privacy (dp | central_dp); other runs
-                             are refused by the ClientApp, naming the site and the setting
+  cache-dir=DIR              where this site caches decoded slices (default SITE_DIR/.m2diff-cache);
+                             the coordinator cannot move it; must be writable
+  state-dir=DIR              what the site must keep: its privacy ledger, its verdict key
+                             (default SITE_DIR/.m2diff-state); persistent storage; must be writable
   log-dir=DIR                log files (default SITE_DIR/.m2diff-logs); must be writable
   log-max-mb=10              rotate a log file at this size ...
   log-backups=5              ... keeping this many old files (NAME.log.1 .. NAME.log.5)
   join-timeout=300           seconds a SuperNode that keeps failing is restarted before giving up
+The site's own settings, which the coordinator's run config cannot change:
+  device=auto                cpu | cuda | cuda:N | auto
+  split=0.7,0.1,0.2          train, val, test fractions of the subject split (participants.tsv wins)
+  split-seed=0               seed of the subject split
+  max-volume-mb=512          refuse a volume whose header claims more (decoded MiB)
+The site's caps and privacy policy (client/site_policy.py; a run outside them is refused):
+  max-steps=10000            train.steps per round
+  min-batch-size=1           train.batch_size
+  min-split-subjects=1       subjects of the train / test split a message uses
+  max-model-mparams=500      model size (millions of parameters; model=paper has 200)
+  require-privacy=dp         train and evaluate only in runs with this privacy (dp | central_dp)
+  max-epsilon=10             sample-level DP: the site's epsilon over its lifetime, all federations
+  min-noise-multiplier=0.5   DP noise floor (dp; central_dp: the run's declared noise)
+  max-grad-norm=X            cap on the run's privacy.max_grad_norm (dp)
+  clip-norm=1.0              require-privacy=central_dp: the site clips its update to this norm
+  delta=1e-5                 the delta of the site's epsilon
+  require-secagg=true        train and evaluate only with SecAgg+
 """
 
 from __future__ import annotations
@@ -37,13 +62,17 @@ import contextlib
 import logging
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from client.app_pinning import ALLOW_ENV, app_hash, parse_allow, read_allow_file
+from client.site_errors import SitePolicyError
+from client.site_policy import NODE_KEYS, SitePolicy
 from m2diff.config import ConfigError, resolve_path
 from m2diff.data.check import summary_line
 from m2diff.data.validate import validate_site
@@ -61,8 +90,11 @@ from server.flwrctl import (
 )
 
 KEYS = {"superlink", "root-certificates", "insecure", "data", "site", "auth-key", "port", "threads",
-        "cache-dir", "log-dir", "log-max-mb", "log-backups", "join-timeout", "require-privacy"}
+        "log-dir", "log-max-mb", "log-backups", "join-timeout", "allow-fab", "allow-fab-file",
+        *NODE_KEYS}
 LOG_DIR = ".m2diff-logs"
+STATE_DIR = ".m2diff-state"
+PATH_KEYS = ("cache-dir", "state-dir")  # node config folders, passed as absolute paths
 
 
 def writable_dir(value: str, key: str) -> Path:
@@ -79,8 +111,9 @@ def writable_dir(value: str, key: str) -> Path:
     return path
 
 
-def supernode_command(args: dict[str, str], site_name: str) -> list[str]:
-    """The flower-supernode command line for these settings (raises ConfigError)."""
+def supernode_command(args: dict[str, str], site_name: str, secret: Path | None = None) -> list[str]:
+    """The flower-supernode command line for these settings (raises ConfigError); with the
+    SuperExec ``secret`` of app pinning, in Flower's process isolation."""
     if not args.get("superlink"):
         raise ConfigError("superlink=HOST:PORT is required")
     cmd = [tool("flower-supernode"), "--superlink", args["superlink"],
@@ -99,15 +132,60 @@ def supernode_command(args: dict[str, str], site_name: str) -> list[str]:
             raise ConfigError(f"auth-key={args['auth-key']}: no such file")
         cmd += ["--auth-supernode-private-key", str(key)]
     node = {"data-path": str(resolve_path(args["data"])), "site-name": site_name}
-    if args.get("cache-dir"):
-        node["cache-dir"] = str(resolve_path(args["cache-dir"]))
-    if args.get("require-privacy"):
-        required = str(args["require-privacy"])
-        if required not in ("dp", "central_dp", "none"):
-            raise ConfigError(f"require-privacy={required}: choose dp, central_dp or none")
-        node["require-privacy"] = required
+    for key in NODE_KEYS:
+        if args.get(key):
+            node[key] = str(resolve_path(args[key])) if key in PATH_KEYS else args[key]
+    if args.get("require-privacy") and args["require-privacy"] not in ("dp", "central_dp", "none"):
+        raise ConfigError(f"require-privacy={args['require-privacy']}: choose dp, central_dp or none")
+    try:
+        SitePolicy.from_node_config(node)
+    except SitePolicyError as exc:
+        raise ConfigError(str(exc).replace("node config ", "")) from None
+    if secret is not None:  # app pinning: ClientApps come from m2diff-superexec
+        cmd += ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]
     cmd += ["--node-config", toml_pairs(node)]
     return cmd
+
+
+def allowed_apps(args: dict[str, str]) -> frozenset[str] | None:
+    """The FAB hashes of ``allow-fab=`` / ``allow-fab-file=``; None for ``allow-fab=any``
+    (raises ConfigError when neither is given or a hash is malformed)."""
+    if args.get("allow-fab", "").strip().lower() == "any":
+        return None
+    hashes: set[str] = set()
+    try:
+        if args.get("allow-fab"):
+            hashes |= parse_allow(args["allow-fab"])
+        if args.get("allow-fab-file"):
+            hashes |= read_allow_file(resolve_path(args["allow-fab-file"]) or "")
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"allow-fab= / allow-fab-file=: {exc}") from None
+    if not hashes:
+        raise ConfigError("allow-fab=HASH or allow-fab-file=FILE is required: the app (FAB "
+                          "sha256) this site has vetted, from `m2diff-client fab-hash APP_DIR` "
+                          "on that release; allow-fab=any runs any app the coordinator sends "
+                          "(testing only)")
+    return frozenset(hashes)
+
+
+def superexec_secret(state: Path) -> Path:
+    """The shared secret the SuperNode and m2diff-superexec authenticate task acquisition
+    with (Flower's SuperExec auth): ``state/superexec.secret``, 32 random bytes, mode 0600."""
+    path = state / "superexec.secret"
+    if not path.is_file() or path.stat().st_size < 32:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(32))
+    return path
+
+
+def superexec_command(port: int, secret: Path) -> Callable[[int], list[str]]:
+    """The m2diff-superexec command for the SuperNode of ``port``, given that SuperNode's pid."""
+    def command(supernode_pid: int) -> list[str]:
+        return [tool("m2diff-superexec"), "--runtime-api-address", f"127.0.0.1:{port}",
+                "--insecure", "--parent-pid", str(supernode_pid),
+                "--superexec-auth-secret-file", str(secret)]
+    return command
 
 
 class _Stop(Exception):
@@ -137,12 +215,21 @@ def stop_supernode(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
         stop_pids(family, grace_s=2)
 
 
+# Flower 1.42: a SuperNode whose Fleet request gets a 5xx (seen: the SuperLink's SQLite
+# "database is locked" under load) logs this, deactivates its node and never reconnects,
+# while its process stays up. m2diff-client then restarts it.
+# (Only that bare line: "Failed to send message ...: Server error ..." is not fatal.)
+_FLEET_LOST = re.compile(r"ERROR\W*(?:\[0m)?\W*Server error '5\d\d [^']*' for url '[^']*/v1/fleet/")
+
+
 class Attempt:
-    """What one SuperNode process said about how it ended (Flower's exit code, TLS)."""
+    """What one SuperNode process said about how it ended (Flower's exit code, TLS, a lost
+    Fleet connection)."""
 
     def __init__(self) -> None:
         self.code: int | None = None
         self.tls = False
+        self.lost = False
         self.started = time.monotonic()
 
     def watch(self, line: str) -> None:
@@ -151,28 +238,45 @@ class Attempt:
             self.code = int(match.group(1))
         if "CERTIFICATE_VERIFY_FAILED" in line:
             self.tls = True
+        if _FLEET_LOST.search(line):
+            self.lost = True
 
 
 def run_supernode(cmd: list[str], env: dict[str, str], log: logging.Logger,
                   supernode_log: logging.Logger, join_timeout: float = 300.0,
-                  retry_s: float = 10.0) -> int:
+                  retry_s: float = 10.0,
+                  executor: Callable[[int], list[str]] | None = None) -> int:
     """Run the SuperNode until we are told to stop (exit 0). One that ends by itself is
     started again: at once when it had been up for a while, every ``retry_s`` while it keeps
     failing (e.g. Flower exit code 305: the key is not registered yet, or its previous
     session still counts as online), for at most ``join_timeout`` seconds; then exit 3
-    (refused) or 1. A TLS failure (wrong CA) is not retried: exit 1."""
+    (refused) or 1. A TLS failure (wrong CA) is not retried: exit 1. ``executor``: the
+    command (given the SuperNode's pid) of the process that runs its ClientApps (app
+    pinning), started beside every SuperNode and stopped with it; its output goes to the
+    SuperNode's log."""
     previous = {}
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(ValueError):  # only possible in the main thread
             previous[sig] = signal.signal(sig, _stop)
-    proc = None
+    proc = helper = None
     failing_since: float | None = None
     try:
         while True:
             attempt = Attempt()
             proc, pump = start_logged(cmd, supernode_log, sys.stdout, attempt.watch, env=env)
+            if executor is not None:
+                helper, _ = start_logged(executor(proc.pid), supernode_log, sys.stdout, env=env)
+            while proc.poll() is None:
+                if attempt.lost:
+                    _say(log, "the SuperNode lost its connection (a 5xx from the SuperLink; "
+                         "Flower does not reconnect); restarting it", err=True)
+                    stop_supernode(proc)
+                    break
+                time.sleep(0.5)
             code = proc.wait()
             pump.join(timeout=5)
+            if helper is not None:
+                stop_group(helper, grace_s=5)
             now = time.monotonic()
             flower = f" (Flower exit code {attempt.code})" if attempt.code is not None else ""
             log.warning("SuperNode exited with status %s%s after %.0f s", code, flower,
@@ -182,7 +286,7 @@ def run_supernode(cmd: list[str], env: dict[str, str], log: logging.Logger,
                      " not retrying", err=True)
                 return 1
             if now - attempt.started > 60:
-                failing_since = None  # it had been connected: a fresh start
+                failing_since = now  # it had been connected: its failures start now
             failing_since = failing_since or attempt.started
             if now - failing_since >= join_timeout:
                 _say(log, f"the SuperNode keeps ending{flower}; giving up after "
@@ -204,6 +308,8 @@ def run_supernode(cmd: list[str], env: dict[str, str], log: logging.Logger,
             signal.signal(sig, handler)
         if proc is not None and proc.poll() is None:
             stop_group(proc)
+        if helper is not None:
+            stop_group(helper, grace_s=5)
 
 
 def _say(log: logging.Logger, text: str, err: bool = False) -> None:
@@ -211,11 +317,33 @@ def _say(log: logging.Logger, text: str, err: bool = False) -> None:
     log.log(logging.WARNING if err else logging.INFO, "%s", text)
 
 
+def fab_hash_main(words: list[str]) -> int:
+    """``m2diff-client fab-hash [APP_DIR]``: the app's FAB hash, as ``flwr run`` submits it."""
+    if len(words) > 1:
+        print("m2diff-client fab-hash [APP_DIR]", file=sys.stderr)
+        return 2
+    app = resolve_path(words[0] if words else ".")
+    assert app is not None
+    if not (app / "pyproject.toml").is_file():
+        print(f"m2diff-client fab-hash: {app} is not a Flower app folder (no pyproject.toml)",
+              file=sys.stderr)
+        return 2
+    try:
+        digest = app_hash(app)
+    except (ValueError, OSError) as exc:
+        print(f"m2diff-client fab-hash: {app}: {exc}", file=sys.stderr)
+        return 2
+    print(f"sha256:{digest}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     if any(w in ("-h", "--help") for w in words):
         print(__doc__)
         return 0
+    if words and words[0] == "fab-hash":
+        return fab_hash_main(words[1:])
     log = supernode_log = None
     try:
         args, rest = parse_words(words, KEYS)
@@ -228,10 +356,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         assert data is not None
         if args.get("cache-dir"):
             writable_dir(args["cache-dir"], "cache-dir")
+        state = writable_dir(args.get("state-dir") or str(data / STATE_DIR), "state-dir")
         settings = log_settings(args, data / LOG_DIR)
         writable_dir(str(settings.folder), "log-dir")
         log = file_logger(settings, "m2diff-client", "%(asctime)s %(levelname)s %(message)s")
-        site, problems = validate_site(data)
+        try:  # the site's policy keys, checked before anything starts
+            policy = SitePolicy.from_node_config({k: args[k] for k in NODE_KEYS if k in args})
+        except SitePolicyError as exc:
+            raise ConfigError(str(exc).replace("node config ", "")) from None
+        site, problems = validate_site(data, max_volume_mb=policy.max_volume_mb)
         for problem in problems:
             print(f"problem: {problem}", file=sys.stderr)
             log.warning("problem: %s", problem)
@@ -243,21 +376,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.error("no usable subjects; not joining the federation")
             return 1
         name = args.get("site") or site.name
-        cmd = supernode_command(args, name)
+        apps = allowed_apps(args)
+        secret = superexec_secret(state) if apps is not None else None
+        cmd = supernode_command(args, name, secret)
         text = (f"starting SuperNode for site {name} -> {args['superlink']}; "
                 f"logs in {settings.folder}"
-                + (f"; cache in {resolve_path(args['cache-dir'])}" if args.get("cache-dir") else ""))
+                + (f"; cache in {resolve_path(args['cache-dir'])}" if args.get("cache-dir") else "")
+                + (f"; apps allowed: {', '.join(sorted(apps))}" if apps is not None else
+                   "; allow-fab=any: ANY app the coordinator sends runs here (testing only)"))
         print(f"m2diff-client: {text}", flush=True)
         log.info("%s", text)
-        threads = {"OMP_NUM_THREADS": args["threads"], "MKL_NUM_THREADS": args["threads"]} \
+        extra = {"OMP_NUM_THREADS": args["threads"], "MKL_NUM_THREADS": args["threads"]} \
             if args.get("threads") else {}
-        env = flower_env(resolve_path(os.environ.get("FLWR_HOME", "~/.flwr")), threads)
+        if apps is not None:
+            extra[ALLOW_ENV] = ",".join(sorted(apps))
+        env = flower_env(resolve_path(os.environ.get("FLWR_HOME", "~/.flwr")), extra)
+        executor = None if secret is None else \
+            superexec_command(int(args.get("port", 9094)), secret)
         supernode_log = file_logger(settings, "supernode")
         try:
             join_timeout = float(args.get("join-timeout", 300))
         except ValueError:
             raise ConfigError(f"join-timeout={args['join-timeout']}: not a number of seconds") from None
-        return run_supernode(cmd, env, log, supernode_log, join_timeout)
+        return run_supernode(cmd, env, log, supernode_log, join_timeout, executor=executor)
     except ConfigError as exc:
         print(f"m2diff-client: {exc}", file=sys.stderr)
         if log is not None:

@@ -1,32 +1,42 @@
-"""The ClientApp side of sample-level DP (``privacy=dp``): DP-SGD local training with a
-privacy budget that persists between rounds on the site's own disk.
+"""The ClientApp side of sample-level DP (``privacy=dp``): DP-SGD local training, accounted
+in the site's own ledger (client/dp_ledger.py) under the site's policy (client/site_policy.py).
 
-Every round starts a fresh ClientApp process in deployment, so the RDP accountant's history
-is kept in ``<site cache folder>/privacy-<federation>-<site>.json`` (written atomically) and
-restored before the next round: the epsilon a site reports after round r covers every round
-of that federation so far. ``<federation>`` is sha256 of the run config's ``out-dir`` (or,
-when that is empty, of the config's ``out``), first 12 hex digits: a resumed federation gets
-a new Flower run id but keeps its out-dir, so it continues the count instead of starting a
-new one. A site whose next round would take it above ``privacy.budget_epsilon`` does not
-train: it replies with the weights it received and ``dp_refused = 1``, which the server
-leaves out of the average (server/strategy.py).
+Before a round trains, the site works out what it would spend: the noise multiplier (the
+run's ``privacy.noise_multiplier``, else the one that fits ``privacy.target_epsilon`` over the
+planned ``fl.rounds x train.steps``), its Poisson sample rate ``1/ceil(slices/batch_size)``
+and ``train.steps``. It refuses with an error reply (``site-policy``) a noise below the site's
+``min-noise-multiplier``; it replies with the weights it received and ``dp_refused = 1`` when
+the round would take
+
+- this federation's epsilon (at the run's ``privacy.delta``) above the run's budget
+  (``privacy.budget_epsilon``, else ``privacy.target_epsilon``), or
+- the site's lifetime epsilon (all federations, at the site's ``delta``) above the site's
+  ``max-epsilon``;
+
+and says in the site's log what it would have spent and what to change. Otherwise the round
+is written to the ledger first, then trained. Every DP train reply carries ``dp_epsilon``
+(this federation, cumulative), ``dp_epsilon_next`` (what this round took it to, or would
+have: equal to ``dp_epsilon`` unless refused) and ``dp_refused``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import re
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
 import torch
 from flwr.app import Context
+from flwr.supercore import log
 from torch import nn
 
+from client.dp_ledger import LEDGER, Entry, SiteLedger, locked, safe_name
 from client.site import SiteRun
+from client.site_policy import check_noise
 from m2diff.data.cache import cache_folder
+from m2diff.data.verdict import state_folder
 from m2diff.model import unwrap_model
 from m2diff.privacy import (
     accountant_state,
@@ -35,14 +45,8 @@ from m2diff.privacy import (
     make_private,
     noise_multiplier,
     sample_rate,
-    would_exceed,
 )
-from m2diff.report import write_json
 from m2diff.train import TrainResult, make_optimizer, train_steps, training_dataset
-
-
-class PrivacyStateError(RuntimeError):
-    """The site's saved privacy budget cannot be read: it refuses to train rather than forget it."""
 
 
 def federation_key(context: Context, run: SiteRun) -> str:
@@ -52,55 +56,87 @@ def federation_key(context: Context, run: SiteRun) -> str:
     return hashlib.sha256(os.path.normpath(out).encode()).hexdigest()[:12]
 
 
+def ledger_paths(context: Context, run: SiteRun) -> tuple[Path, Path | None, list[Path]]:
+    """(primary, copy, files of earlier releases to import) of this site's ledger."""
+    cache = cache_folder(run.site.root, run.cfg.data.get("cache_dir"))
+    site = safe_name(run.name)
+    if run.virtual:  # m2diff simulate: one ledger per simulated federation, as before
+        return cache / f"privacy-{federation_key(context, run)}-{site}.json", None, []
+    primary = state_folder(run.site.root, run.policy.state_dir) / LEDGER
+    return primary, cache / LEDGER, sorted(cache.glob(f"privacy-*-{site}.json"))
+
+
 def state_path(context: Context, run: SiteRun) -> Path:
-    """Where this site keeps the accountant history of this federation."""
-    site = re.sub(r"[^A-Za-z0-9_.-]+", "_", run.name)
-    return cache_folder(run.site.root, run.cfg.data.get("cache_dir")) / \
-        f"privacy-{federation_key(context, run)}-{site}.json"
+    """Where this site's ledger is (the primary copy)."""
+    return ledger_paths(context, run)[0]
 
 
-def load_state(path: Path) -> dict[str, Any] | None:
-    """The saved accountant state, None when there is none yet."""
-    if not path.exists():
-        return None
-    try:
-        state = json.loads(path.read_text())
-        history_of(state)  # validates the entries
-    except (OSError, ValueError, TypeError) as exc:
-        raise PrivacyStateError(f"{path}: unreadable privacy state ({exc}); not training") from exc
-    return state
+def federation_budget(p: Any) -> float | None:
+    """The run's per-federation budget: ``budget_epsilon``, else ``target_epsilon``."""
+    for key in ("budget_epsilon", "target_epsilon"):
+        if p.get(key) is not None:
+            return float(p[key])
+    return None
 
 
-def save_state(path: Path, state: dict[str, Any]) -> None:
-    """Write ``state`` atomically (m2diff.report.write_json: tmp + fsync + os.replace)."""
-    write_json(path, state)
+def _advice(noise: float, rate: float, steps: int, batch: int, slices: int) -> str:
+    return (f"noise multiplier {noise:.3g}, sample rate {rate:.3g} (batch {batch} of {slices} "
+            f"slices), {steps} steps: raise privacy.noise_multiplier, lower train.steps or "
+            "train.batch_size, set privacy.target_epsilon so fl.rounds x train.steps fit, or "
+            "raise the budget")
 
 
 def dp_train(context: Context, run: SiteRun, model: nn.Module, slices: Any,
              optimizer: torch.optim.Optimizer | None, seed: int,
              ) -> tuple[nn.Module, TrainResult | None, dict[str, float]]:
-    """One round of DP-SGD local training, or a refusal when the budget would be exceeded.
+    """One round of DP-SGD local training, or a refusal (module doc).
 
     Returns the bare model (trained, or as received when refused), the TrainResult (None when
-    refused) and the metrics every DP reply carries: ``dp_epsilon`` (cumulative, this
-    federation, resumes included) and ``dp_refused`` (0 / 1). ``privacy.noise_multiplicity``
-    > 1 trains with per-sample gradients from torch.func (m2diff.privacy.make_private).
+    refused) and the DP metrics of the reply. ``privacy.noise_multiplicity`` > 1 trains with
+    per-sample gradients from torch.func (m2diff.privacy.make_private).
     """
-    cfg, p = run.cfg, run.cfg.privacy
-    delta, budget = float(p.delta), p.get("budget_epsilon")
-    path = state_path(context, run)
-    history = history_of(load_state(path))
-    steps = int(cfg.train.steps)
+    cfg, p, policy = run.cfg, run.cfg.privacy, run.policy
+    delta, budget = float(p.delta), federation_budget(p)
+    steps, batch = int(cfg.train.steps), int(cfg.train.batch_size)
     n = len(training_dataset(slices))
-    noise, rate = noise_multiplier(cfg, n), sample_rate(n, int(cfg.train.batch_size))
-    if would_exceed(history, noise, rate, steps, delta, None if budget is None else float(budget)):
-        return model, None, {"dp_epsilon": epsilon(history, delta), "dp_refused": 1}
+    noise, rate = noise_multiplier(cfg, n), sample_rate(n, batch)
+    check_noise(noise, policy)
+    fed = federation_key(context, run)
+    primary, copy, legacy = ledger_paths(context, run)
+    with locked(primary):
+        ledger = SiteLedger.open(primary, copy, legacy)
+        fed_history = ledger.history() if run.virtual else ledger.history(fed)
+        step = (noise, rate, steps)
+        spent, after = epsilon(fed_history, delta), epsilon(fed_history + [step], delta)
+        life_spent = ledger.epsilon(policy.delta)
+        life_after = epsilon(ledger.history() + [step], policy.delta)
+        reason = ""
+        if budget is not None and after > budget:
+            reason = (f"this federation's epsilon would go from {spent:.3g} to {after:.3g}, above "
+                      f"its budget {budget:g} (privacy.budget_epsilon / target_epsilon)")
+        elif not run.virtual and life_after > policy.max_epsilon:
+            reason = (f"the site's lifetime epsilon would go from {life_spent:.3g} to "
+                      f"{life_after:.3g} (delta {policy.delta:g}), above its max-epsilon "
+                      f"{policy.max_epsilon:g}")
+        if reason:
+            log(WARNING, "site %s refuses to train this round (privacy=dp): %s; %s", run.name,
+                reason, _advice(noise, rate, steps, batch, n))
+            return model, None, {"dp_epsilon": spent, "dp_epsilon_next": after, "dp_refused": 1}
+        ledger.reserve(Entry(fed, noise, rate, steps))
+    log(INFO, "site %s: DP-SGD round: %s; federation epsilon %.3g -> %.3g, site lifetime "
+        "%.3g -> %.3g", run.name, _advice(noise, rate, steps, batch, n).split(":")[0],
+        spent, after, life_spent, life_after)
     if optimizer is None:
         optimizer = make_optimizer(model, cfg.train)
     private, dp_optimizer, loader, engine = make_private(
-        model, optimizer, slices, cfg, {"history": history},
+        model, optimizer, slices, cfg, {"history": fed_history},
         generator=torch.Generator().manual_seed(seed))
     result = train_steps(private, slices, cfg, steps=steps, optimizer=dp_optimizer,
                          device=run.device, progress=False, loader=loader)
-    save_state(path, accountant_state(engine))
-    return unwrap_model(private), result, {"dp_epsilon": epsilon(engine, delta), "dp_refused": 0}
+    counted = epsilon(engine, delta)
+    if abs(counted - after) > 1e-6 * max(after, 1.0):
+        # What was reserved must be what Opacus counted; anything else is a bug to see.
+        raise RuntimeError(f"Opacus counted epsilon {counted}, the ledger reserved {after} "
+                           f"({history_of(accountant_state(engine))} vs {fed_history + [step]})")
+    return unwrap_model(private), result, {"dp_epsilon": counted, "dp_epsilon_next": after,
+                                           "dp_refused": 0}

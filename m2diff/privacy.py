@@ -68,19 +68,23 @@ def sample_rate(num_slices: int, batch_size: int) -> float:
 
 
 def noise_multiplier(cfg: DictConfig, num_slices: int) -> float:
-    """``privacy.noise_multiplier``, or, with ``privacy.target_epsilon`` set, the smallest
-    noise that keeps the whole planned federation (``fl.rounds * train.steps`` steps at this
-    site's sample rate) within (target_epsilon, delta)."""
+    """``privacy.noise_multiplier`` when set, else the smallest noise that keeps the whole
+    planned federation (``fl.rounds * train.steps`` steps at this site's sample rate) within
+    (``privacy.target_epsilon``, ``privacy.delta``): the default (conf/privacy/dp.yaml), so
+    that a DP run trains every planned round instead of running out of budget in the first."""
     p = cfg.privacy
+    if p.get("noise_multiplier") is not None:
+        return float(p.noise_multiplier)
     target = p.get("target_epsilon")
-    if target is not None:
-        return float(get_noise_multiplier(
-            target_epsilon=float(target), target_delta=float(p.delta),
-            sample_rate=sample_rate(num_slices, int(cfg.train.batch_size)),
-            steps=int(cfg.fl.rounds) * int(cfg.train.steps), accountant="rdp"))
-    if p.get("noise_multiplier") is None:
+    if target is None:
         raise ConfigError("privacy=dp: set privacy.noise_multiplier or privacy.target_epsilon")
-    return float(p.noise_multiplier)
+    steps = int(cfg.fl.get("rounds", 1)) * int(cfg.train.steps)
+    if steps <= 0:
+        raise ConfigError("privacy.target_epsilon: fl.rounds x train.steps must be positive")
+    return float(get_noise_multiplier(
+        target_epsilon=float(target), target_delta=float(p.delta),
+        sample_rate=sample_rate(num_slices, int(cfg.train.batch_size)),
+        steps=steps, accountant="rdp"))
 
 
 def noise_multiplicity(cfg: DictConfig) -> int:

@@ -2,7 +2,10 @@
 
 A subject is usable when its participants.tsv row is sound and its required volumes
 (low-dose PET always; T1 and standard-dose PET unless the caller waives them) are readable,
-3D, finite, not empty or constant, and co-registered (same shape, affine within 1e-3).
+3D, finite, not empty or constant, co-registered (same shape, affine within 1e-3), no
+larger than ``max_volume_mb`` by their header (checked before any voxel is read:
+m2diff.data.nifti.check_volume_size), and inside the site folder: a symbolic link (file or
+subject folder) that leads out of it is refused, so the site reads only what it holds.
 Messages name the subject and the file (relative to the site) and never hold voxel values.
 """
 
@@ -25,7 +28,7 @@ from m2diff.data.layout import (
     sd_path,
     t1_path,
 )
-from m2diff.data.nifti import as_3d
+from m2diff.data.nifti import VolumeTooLarge, as_3d, check_volume_size
 
 AFFINE_TOL_MM = 1e-3
 REQUIRED_COLUMNS = ("participant_id", "diagnosis")
@@ -46,13 +49,14 @@ class _Geometry:
     affine: np.ndarray
 
 
-def validate_site(root: Path, require_sd: bool = True,
-                  require_t1: bool = True) -> tuple[Site, list[Problem]]:
+def validate_site(root: Path, require_sd: bool = True, require_t1: bool = True,
+                  max_volume_mb: float | None = None) -> tuple[Site, list[Problem]]:
     """Check a site folder; return the Site with its usable subjects and every Problem found.
 
     Never raises for bad data. ``require_t1=False`` accepts subjects without (or with a
     broken) T1 MRI for MRI-free use; ``require_sd=False`` accepts subjects without a
     standard-dose PET (inference only). The site having no usable subject is a Problem too.
+    ``max_volume_mb`` bounds one volume (None: m2diff.data.nifti.MAX_VOLUME_MB).
     """
     root = Path(root).expanduser().absolute()
     name = root.name or str(root)
@@ -65,23 +69,39 @@ def validate_site(root: Path, require_sd: bool = True,
     problems: list[Problem] = []
     rows = _read_participants(root, name, problems)
     folders = _subject_folders(root, name, problems)
+    outside = {f for f in folders if not inside_site(root, root / f)}
+    for folder in sorted(outside):
+        problems.append(Problem(name, folder, folder, "subject folder is a symbolic link "
+                                "leading outside the site folder; refused"))
+    folders -= outside
     if rows is not None:
         listed = {r.id for r in rows}
         for folder in sorted(folders - listed):
             problems.append(Problem(name, folder, PARTICIPANTS,
                                     "subject folder has no row in participants.tsv; skipped"))
         for row in rows:
+            if row.id in outside:
+                continue
             if row.id not in folders:
                 problems.append(Problem(name, row.id, PARTICIPANTS,
                                         "listed in participants.tsv but the subject folder "
                                         "is missing; skipped"))
                 continue
-            subject = _check_subject(root, name, row, require_sd, require_t1, problems)
+            subject = _check_subject(root, name, row, require_sd, require_t1, problems,
+                                     max_volume_mb)
             if subject is not None:
                 site.subjects.append(subject)
     if not site.subjects:
         problems.append(Problem(name, None, None, "no usable subjects"))
     return site, problems
+
+
+def inside_site(root: Path, path: Path) -> bool:
+    """Whether ``path``, all symbolic links followed, lies inside the site folder ``root``."""
+    try:
+        return Path(path).resolve().is_relative_to(Path(root).resolve())
+    except (OSError, RuntimeError):  # a link loop
+        return False
 
 
 def _subject_folders(root: Path, name: str, problems: list[Problem]) -> set[str]:
@@ -96,6 +116,10 @@ def _subject_folders(root: Path, name: str, problems: list[Problem]) -> set[str]
 def _read_participants(root: Path, name: str, problems: list[Problem]) -> list[_Row] | None:
     """Sound rows of participants.tsv; None when the file itself is unusable."""
     path = root / PARTICIPANTS
+    if path.is_symlink() and not inside_site(root, path):
+        problems.append(Problem(name, None, PARTICIPANTS, "a symbolic link leading outside the "
+                                "site folder; refused, no subject can be used"))
+        return None
     if not path.is_file():
         problems.append(Problem(name, None, PARTICIPANTS,
                                 "missing (needed for participant_id and diagnosis); "
@@ -179,7 +203,7 @@ def _row_checked(name: str, row: _Row, problems: list[Problem]) -> _Row | None:
 
 
 def _check_subject(root: Path, name: str, row: _Row, require_sd: bool, require_t1: bool,
-                   problems: list[Problem]) -> Subject | None:
+                   problems: list[Problem], max_volume_mb: float | None = None) -> Subject | None:
     """Check the subject's volumes; every file is read once. None when not usable."""
     paths = {"low-dose PET": ld_path(root, row.id), "standard-dose PET": sd_path(root, row.id),
              "T1w MRI": t1_path(root, row.id)}
@@ -188,12 +212,17 @@ def _check_subject(root: Path, name: str, row: _Row, require_sd: bool, require_t
     failed: set[str] = set()
     for kind, path in paths.items():
         rel = str(path.relative_to(root))
+        if (path.is_symlink() or path.exists()) and not inside_site(root, path):
+            problems.append(Problem(name, row.id, rel, f"{kind}: a symbolic link leading outside "
+                                    "the site folder; refused"))
+            failed.add(kind)
+            continue
         if not path.is_file():
             if required[kind]:
                 problems.append(Problem(name, row.id, rel, f"missing {kind}"))
                 failed.add(kind)
             continue
-        geo, reason = _check_volume(path)
+        geo, reason = _check_volume(path, max_volume_mb)
         if geo is None:
             note = "" if required[kind] else f"; subject used without its {kind}"
             problems.append(Problem(name, row.id, rel, f"{kind}: {reason}{note}"))
@@ -233,8 +262,16 @@ def _check_subject(root: Path, name: str, row: _Row, require_sd: bool, require_t
     )
 
 
-def _check_volume(path: Path) -> tuple[_Geometry | None, str]:
-    """Read one NIfTI fully; return its geometry, or None and why it is unusable."""
+def _check_volume(path: Path, max_volume_mb: float | None = None
+                  ) -> tuple[_Geometry | None, str]:
+    """Read one NIfTI fully (after its header passed the size bound); return its geometry,
+    or None and why it is unusable."""
+    try:
+        check_volume_size(path, max_volume_mb)
+    except VolumeTooLarge as exc:
+        return None, str(exc)
+    except OSError as exc:
+        return None, f"not a readable NIfTI file ({_reason(exc)})"
     try:
         img = nib.load(str(path))
     except Exception as exc:  # nibabel raises many types for foreign or damaged files

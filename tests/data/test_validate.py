@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -296,3 +297,108 @@ def test_cached_verdict_is_the_same_and_follows_file_changes(tmp_path, monkeypat
     for f in cache.glob("validation-*.npz"):
         f.write_bytes(b"not a zip")
     assert verdict.validate_site_cached(root, cache) == third and len(calls) == 4
+
+
+# -- hostile files -----------------------------------------------------------------------------
+
+def _header_only(path: Path, shape: tuple[int, ...], dtype: type, payload: bytes = b"") -> None:
+    """A NIfTI whose header claims ``shape`` of ``dtype``, followed by ``payload`` only."""
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(shape)
+    hdr.set_data_dtype(dtype)
+    hdr["vox_offset"] = 352
+    raw = hdr.binaryblock + b"\0" * 4 + payload
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(raw) if path.name.endswith(".gz") else raw)
+
+
+def test_a_header_that_claims_gigabytes_is_refused_before_reading(tmp_path):
+    import tracemalloc
+
+    root = write_site(tmp_path / "site", n=3)
+    _header_only(ld_path(root, "sub-01"), (512, 512, 1024), np.float32)  # the 74-byte attack
+    assert ld_path(root, "sub-01").stat().st_size < 100
+    # 255 KB of gzip that expands to 256 MB of voxels (uint8), 1 GiB once decoded as float32
+    bomb = ld_path(root, "sub-02")
+    with gzip.open(bomb, "wb", compresslevel=9) as f:
+        hdr = nib.Nifti1Header()
+        hdr.set_data_shape((512, 512, 1024))
+        hdr.set_data_dtype(np.uint8)
+        hdr["vox_offset"] = 352
+        f.write(hdr.binaryblock + b"\0" * 4)
+        zeros = bytes(2**20)
+        for _ in range(256):
+            f.write(zeros)
+    assert bomb.stat().st_size < 400_000
+    tracemalloc.start()
+    site, problems = validate_site(root)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 32 * 2**20, f"validation allocated {peak / 2**20:.0f} MiB"
+    assert ids(site) == ["sub-03"]
+    text = {p.subject: p.message for p in problems}
+    assert "1024 MiB" in text["sub-01"] and "data.max_volume_mb=512" in text["sub-01"]
+    assert "data.max_volume_mb=512" in text["sub-02"]
+    # The bound is a site setting: a tighter one refuses the normal volumes too.
+    site, problems = validate_site(root, max_volume_mb=0.001)
+    assert ids(site) == [] and any(p.subject == "sub-03" for p in problems)
+    from m2diff.data.nifti import VolumeTooLarge, load_volume
+
+    with pytest.raises(VolumeTooLarge):
+        load_volume(ld_path(root, "sub-01"))
+
+
+def test_symbolic_links_out_of_the_site_are_refused_and_named(tmp_path):
+    outside = write_site(tmp_path / "elsewhere", n=2)
+    root = write_site(tmp_path / "site", n=3)
+    ld_path(root, "sub-01").unlink()
+    ld_path(root, "sub-01").symlink_to(ld_path(outside, "sub-01"))  # a file out of the site
+    shutil.rmtree(root / "sub-02")
+    (root / "sub-02").symlink_to(outside / "sub-02")  # a whole subject folder
+    t1 = t1_path(root, "sub-03")
+    inside = root / "derivatives" / "t1.nii.gz"  # a link within the site is fine
+    inside.parent.mkdir()
+    t1.rename(inside)
+    t1.symlink_to(inside)
+    site, problems = validate_site(root)
+    assert ids(site) == ["sub-03"]
+    text = {(p.subject, p.file): p.message for p in problems}
+    assert "leading outside the site folder; refused" in text[("sub-01", "sub-01/pet/sub-01_rec-lowdose_pet.nii.gz")]
+    assert "subject folder is a symbolic link leading outside" in text[("sub-02", "sub-02")]
+    assert len(problems) == 2
+    (root / "participants.tsv").rename(tmp_path / "p.tsv")
+    (root / "participants.tsv").symlink_to(tmp_path / "p.tsv")
+    site, problems = validate_site(root)
+    assert ids(site) == [] and "outside the site folder" in problems[0].message
+
+
+def test_a_planted_verdict_does_not_skip_validation(tmp_path, monkeypatch):
+    import m2diff.data.verdict as verdict
+    from m2diff.data.cache import save_cached
+
+    root = write_site(tmp_path / "site", n=2)
+    save(ld_path(root, "sub-02"), np.full(SHAPE, np.nan, np.float32))  # broken
+    cache, state = tmp_path / "cache", tmp_path / "state"
+    honest = verdict.validate_site_cached(root, cache, state_dir=state)
+    assert ids(honest[0]) == ["sub-01"]
+    assert (state / "verdict.key").stat().st_mode & 0o777 == 0o600
+    # Someone who can write the cache folder plants a verdict that calls sub-02 usable.
+    [path] = cache.glob("validation-*.npz")
+    with np.load(path) as f:
+        key, text = str(f["__key__"]), str(f["verdict"])
+    forged = text.replace('"subjects": [', '"subjects": [{"id": "sub-02", "diagnosis": "AD", '
+                          '"t1": "sub-02/anat/sub-02_T1w.nii.gz", "ld": '
+                          '"sub-02/pet/sub-02_rec-lowdose_pet.nii.gz", "sd": '
+                          '"sub-02/pet/sub-02_rec-standard_pet.nii.gz", "split": null}, ')
+    assert forged != text
+    calls = []
+    real = verdict.validate_site
+    monkeypatch.setattr(verdict, "validate_site", lambda *a, **k: calls.append(a) or real(*a, **k))
+    for planted in ({"verdict": np.array(forged), "mac": np.array("0" * 64)},
+                    {"verdict": np.array(forged)}):
+        save_cached(path, key, planted)
+        site, _ = verdict.validate_site_cached(root, cache, state_dir=state)
+        assert ids(site) == ["sub-01"]  # validated again, the forgery overwritten
+    assert len(calls) == 2
+    # The site's own signed verdict is still used as it was.
+    assert verdict.validate_site_cached(root, cache, state_dir=state) == honest and len(calls) == 2

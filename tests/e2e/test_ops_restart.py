@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from client.app_pinning import app_hash
 from server.flwrctl import descendants, tool
 from tests.flower_procs import REPO, ProcessSet, free_port, make_certs, wait_port
 
@@ -75,11 +76,13 @@ def test_status_logs_supernode_rejoin_and_superlink_restart(tmp_path, tiny_sites
            "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     timings: dict[str, float] = {}
 
+    ours = app_hash(REPO)  # the sites pin the app m2diff-server submits (and resubmits)
+
     def site_cmd(name: str, folder: Path) -> list[str]:
         cmd = [tool("m2diff-client"), f"superlink=127.0.0.1:{port}", f"root-certificates={pki.ca}",
                f"auth-key={keys / name}.key", f"data={folder}", f"site={name}",
                f"port={free_port()}", "threads=1", f"log-dir={tmp_path / name / 'logs'}",
-               "log-max-mb=0.02", "log-backups=2"]
+               "log-max-mb=0.02", "log-backups=2", f"allow-fab={ours}"]
         return cmd + ([f"cache-dir={tmp_path / name / 'cache'}"] if name == "hospital-a" else [])
 
     def site_env(name: str) -> dict:

@@ -118,8 +118,8 @@ def test_site_cache_dir_wins_over_the_coordinators(tmp_path, tiny_sites):
     run = SiteRun.open(context({**node, "cache-dir": str(site_cache)}))
     assert run.cfg.data.cache_dir == str(site_cache)
     assert cache_folder(run.site.root, run.cfg.data.cache_dir) == site_cache
-    # without the site's key the coordinator's setting stays
-    assert SiteRun.open(context(node)).cfg.data.cache_dir == str(tmp_path / "coordinator-cache")
+    # without the site's key the coordinator's setting is still ignored: the site's default
+    assert SiteRun.open(context(node)).cfg.data.cache_dir is None
 
 
 def test_client_refuses_unwritable_cache_or_log_dir(tmp_path, tiny_sites, capsys):

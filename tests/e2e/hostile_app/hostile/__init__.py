@@ -1,0 +1,1 @@
+"""A hostile Flower app, for tests only."""
