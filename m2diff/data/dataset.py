@@ -120,18 +120,19 @@ class _SliceDataset(Dataset):
         return {k: torch.from_numpy(np.ascontiguousarray(a[i])) for k, a in self.arrays.items()}
 
 
-def subject_slices(subject: Subject, percentile: float,
-                   min_brain_fraction: float) -> dict[str, np.ndarray]:
+def subject_slices(subject: Subject, percentile: float, min_brain_fraction: float,
+                   max_volume_mb: float | None = None) -> dict[str, np.ndarray]:
     """Brain slices of one subject, unpadded, model space.
 
     Returns "ld" / "sd" / "t1" (n, 1, X, Y) float32 (sd / t1 only when the subject has
     them), "z" (n,) int64, "scale" and "t1_scale" (0-d float). A slice is kept when the
     brain mask (of the SD PET if present, else the LD) covers >= ``min_brain_fraction`` of it.
+    ``max_volume_mb`` bounds each volume by its header (None: the nifti module's default).
     """
-    ld = load_volume(subject.ld).data
+    ld = load_volume(subject.ld, max_volume_mb).data
     scale = pet_scale(ld, percentile)
-    sd = load_volume(subject.sd).data if subject.sd is not None else None
-    t1 = load_volume(subject.t1).data if subject.t1 is not None else None
+    sd = load_volume(subject.sd, max_volume_mb).data if subject.sd is not None else None
+    t1 = load_volume(subject.t1, max_volume_mb).data if subject.t1 is not None else None
     mask = brain_mask(sd if sd is not None else ld)
     area = mask.mean(axis=(0, 1))
     keep = np.flatnonzero(area >= min_brain_fraction)
@@ -181,7 +182,8 @@ def load_slices(site: Site, split: str, data_cfg: Mapping[str, Any], seed: int,
         path = cache.cache_path(folder, f"{site_tag}-{subject.id}", key)
         arrays = cache.load_cached(path, key)
         if arrays is None:
-            arrays = subject_slices(subject, percentile, min_fraction)
+            arrays = subject_slices(subject, percentile, min_fraction,
+                                    data_cfg.get("max_volume_mb"))
             cache.save_cached(path, key, arrays)
         per_subject.append(arrays)
     return _assemble(site.name, subjects, per_subject, stride, data_cfg.get("image_size"))
