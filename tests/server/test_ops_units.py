@@ -53,10 +53,10 @@ def test_keys_database_and_underscore_spelling(tmp_path):
     out = tmp_path / "out"
     assert database_path({}, out) == out / "superlink-state.db"
     assert database_path({"database": "memory"}, out) is None
-    cmd = superlink_command({"insecure": "true"}, 9000, database_path({}, out))
+    cmd = superlink_command({"insecure": "true", "auth": "false"}, 9000, database_path({}, out))
     assert cmd[cmd.index("--database") + 1] == str(out / "superlink-state.db")
-    assert "--database" not in superlink_command({"insecure": "true"}, 9000, None)
-    assert server_main([f"out={tmp_path}/o", "insecure=true", "log-max-mb=0"]) == 2
+    assert "--database" not in superlink_command({"insecure": "true", "auth": "false"}, 9000, None)
+    assert server_main([f"out={tmp_path}/o", "insecure=true", "auth=false", "log-max-mb=0"]) == 2
 
 
 ROWS = [
@@ -217,3 +217,16 @@ def test_status_names_nodes_from_the_sites_own_replies(tmp_path):
     nodes = [{"node-id": 101, "status": "online"}, {"node-id": 303, "status": "offline"}]
     rows = _node_rows(nodes, {"303": "hospital-c", **_reported_sites(tmp_path)})
     assert [(r["node id"], r["site"]) for r in rows] == [("101", "hospital-a"), ("303", "hospital-c")]
+
+
+def test_final_table_prints_a_markup_site_name_as_it_is(tmp_path, capsys):
+    """'[/bold]' as a site name once ended m2diff-server's final table (rich parsed it as a
+    closing tag); names are plain text now (and the ServerApp refuses such names)."""
+    from m2diff.report import write_json
+    from server.cli import print_table
+
+    rows = [dict(ROWS[0], site="[/bold]", ld_psnr=19.0), dict(ROWS[1], site="[red]x[/red]")]
+    write_json(tmp_path / "rounds.json", rows)
+    print_table(tmp_path)
+    out = capsys.readouterr().out
+    assert "[/bold]" in out and "[red]x[/red]" in out
