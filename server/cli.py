@@ -31,7 +31,9 @@ Keys (everything else is a Hydra override, e.g. ``model=tiny fl.rounds=5 train.s
   out=DIR            checkpoint.pt, rounds.csv/json/png, server.json (default runs/federated)
   database=PATH      SuperLink state (registered nodes, runs); default OUT/superlink-state.db,
                      database=memory keeps it in memory (a restarted SuperLink forgets the sites)
-  restarts=3         how often a SuperLink (or front) that died is started again per command
+  restarts=3         how often, per command, a SuperLink or front that died is started again,
+                     or a run whose ServerApp vanished ("No heartbeat received from the task")
+                     is submitted again (resuming); a ServerApp that raised is never retried
   log-dir=DIR        log files (default OUT/logs): m2diff-server.log (this command), superlink.log
                      (the SuperLink's output), front.log (refused and failed requests at the
                      public port, nginx errors), run.log (the ServerApp's log)
@@ -186,6 +188,18 @@ def loopback_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+LOST_SERVERAPP = "No heartbeat received from the task"
+
+
+def lost_serverapp(row: dict[str, Any]) -> bool:
+    """A run that failed because its ServerApp process vanished without reporting (killed,
+    out of memory, or ended by a transient SuperLink error such as SQLite's "database is
+    locked" under load), not because the app raised: worth resuming. A ServerApp exception
+    (``ServerApp failed with exception: ...``, e.g. a bad setting or no site trained) is not."""
+    return (str(row.get("status")) == "finished:failed"
+            and str(row.get("status-details", "")).strip() == LOST_SERVERAPP)
 
 
 def log_settings(args: dict[str, str], default: Path) -> LogSettings:
@@ -519,12 +533,7 @@ class Coordinator:
                     # Its ServerApp's token died with the old SuperLink (Flower 1.42 keeps
                     # runs and nodes in the database, not the tokens): it cannot go on.
                     self.ctl.flwr("stop", str(run_id), "m2diff", timeout=60)
-                progress.check()
-                old = run_id
-                run_id = self.submit(resume=True)
-                progress.rebase()
-                self.say(f"run {old} was lost with the SuperLink ({status}); submitted again "
-                         f"as run {run_id}, resuming after round {progress.seen}", err=True)
+                run_id = self.resubmit(run_id, progress, f"was lost with the SuperLink ({status})")
                 deadline = time.monotonic() + budget
                 next_status = time.monotonic() + STATUS_EVERY_S
                 continue
@@ -538,6 +547,13 @@ class Coordinator:
                         with contextlib.suppress(subprocess.TimeoutExpired):
                             self.streamer.wait(timeout=10)
                     progress.check()
+                    if lost_serverapp(row) and self.restarts < int(self.args.get("restarts", 3)):
+                        self.restarts += 1
+                        run_id = self.resubmit(run_id, progress, "lost its ServerApp (the "
+                                               f"SuperLink says: {row.get('status-details')})")
+                        deadline = time.monotonic() + budget
+                        next_status = time.monotonic() + STATUS_EVERY_S
+                        continue
                     return row
                 next_status = now + (2.0 if streamer_done else STATUS_EVERY_S)
             if now >= next_nodes:
@@ -547,6 +563,15 @@ class Coordinator:
                 self.ctl.flwr("stop", str(run_id), "m2diff", timeout=60)
                 raise FlowerError(f"run {run_id} did not finish within {budget:.0f} s; stopped")
             time.sleep(1.0)
+
+    def resubmit(self, old: int, progress: Progress, why: str) -> int:
+        """Submit the app again, resuming after the last checkpointed round; the new run id."""
+        progress.check()
+        run_id = self.submit(resume=True)
+        progress.rebase()
+        self.say(f"run {old} {why}; submitted again as run {run_id}, resuming after round "
+                 f"{progress.seen}", err=True)
+        return run_id
 
     def close(self) -> None:
         self.stop_streamer()

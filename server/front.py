@@ -14,7 +14,9 @@ certificate and forwarding
 
 to the loopback SuperLink over TLS (verified against the federation CA); every other path
 and method is answered 404/403 by nginx itself. Requests larger than ``max_body_bytes`` (a
-few times the model, ``request_cap``) get 413 before they reach Flower.
+few times the model, ``request_cap``) get 413 before they reach Flower. A 500 from the
+SuperLink is passed on as 503: Flower 1.42's SuperNode retries 502/503/504 but gives up its
+main loop on a 500 and hangs (seen under load, when SQLite reported "database is locked").
 
 ``Front`` writes ``OUT/front/nginx.conf`` at every start (the state folder, never the
 system's nginx configuration), runs ``nginx -e stderr -p OUT/front -c nginx.conf`` in the
@@ -115,8 +117,8 @@ def render_config(s: FrontSettings) -> str:
         "error_log stderr warn;",
         "events { worker_connections 1024; }",
         "http {",
-        "  log_format m2diff '$remote_addr \"$request\" $status in=$request_length "
-        "out=$bytes_sent ${request_time}s';",
+        "  log_format m2diff '$remote_addr \"$request\" $status upstream=$upstream_status "
+        "in=$request_length out=$bytes_sent ${request_time}s';",
         # Only what was refused or failed (heartbeats and pulls every few seconds would drown it).
         "  map $status $m2diff_refused { ~^[23] 0; default 1; }",
         "  access_log /dev/stdout m2diff if=$m2diff_refused;",
@@ -161,6 +163,12 @@ def render_config(s: FrontSettings) -> str:
         f"    location = {HEALTH_PATH} {{ limit_except GET {{ deny all; }} "
         f"proxy_pass {scheme}://superlink{HEALTH_PATH}; }}",
         "    location / { return 404; }",
+        # A 500 from the SuperLink (e.g. SQLite's 'database is locked' under load) ends a
+        # Flower 1.42 SuperNode's main loop and leaves the process hanging; 503 is one it
+        # retries, as it does while the SuperLink restarts. Other statuses pass unchanged.
+        "    proxy_intercept_errors on;",
+        "    error_page 500 = @busy;",
+        "    location @busy { return 503; }",
         "  }",
         "}",
     ]

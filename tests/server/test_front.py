@@ -7,10 +7,16 @@ path tricks, an oversized request) run against real processes in tests/e2e/test_
 
 from __future__ import annotations
 
+import http.client
+import http.server
 import inspect
+import os
 import re
 import shutil
+import signal
 import subprocess
+import threading
+import time
 
 import pytest
 
@@ -81,3 +87,75 @@ def test_request_cap_follows_the_model_and_is_configurable():
     for bad in ("0", "-1", "inf", "nan"):
         with pytest.raises(ValueError, match="front-max-mb"):
             request_cap(tiny, bad)
+
+
+class _Upstream(http.server.BaseHTTPRequestHandler):
+    """A stand-in SuperLink: the status each path answers with, and what it saw."""
+
+    answers = {"/v1/fleet/pull-messages": 500, "/v1/fleet/get-run": 401, "/health": 200,
+               "/v1/fleet/push-object": 200}
+    seen: list[str] = []
+
+    def _answer(self) -> None:
+        length = int(self.headers.get("content-length") or 0)
+        self.rfile.read(length)
+        self.seen.append(f"{self.command} {self.path}")
+        self.send_response(self.answers.get(self.path, 404))
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_real_front_passes_fleet_calls_maps_500_to_503_and_refuses_the_rest(tmp_path):
+    """nginx with the rendered config (plain HTTP here; TLS runs in the e2e tests) in front of
+    a stand-in upstream: what reaches the upstream and what the caller gets."""
+    import logging
+
+    from server.front import Front
+    from tests.flower_procs import free_port
+
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Upstream)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    port = free_port()
+    settings = FrontSettings(host="127.0.0.1", port=port, link_port=upstream.server_address[1],
+                             folder=tmp_path / "front", max_body_bytes=1000)
+    front = Front(settings, logging.getLogger("test-front"))
+    front.start()
+    try:
+        def call(method: str, path: str, body: bytes = b"") -> int:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            try:
+                conn.request(method, path, body=body)
+                return conn.getresponse().status
+            finally:
+                conn.close()
+
+        assert call("POST", "/v1/fleet/pull-messages", b"x") == 503  # upstream 500: retryable
+        assert call("POST", "/v1/fleet/get-run", b"x") == 401  # other statuses pass unchanged
+        assert call("POST", "/v1/fleet/push-object", b"x" * 1000) == 200
+        assert call("POST", "/v1/fleet/push-object", b"x" * 1001) == 413
+        assert call("GET", "/health") == 200
+        for method, path in (("POST", "/v1/control/list-runs"), ("POST", "/v1/runtime/get-nodes"),
+                             ("POST", "/v1/fleet/../control/start-run"), ("GET", "/docs"),
+                             ("POST", "/v1/fleet/pull-messages/../../control/stop-run")):
+            assert call(method, path, b"x" if method == "POST" else b"") == 404, path
+        assert call("GET", "/v1/fleet/pull-messages") == 403
+        assert call("DELETE", "/health") == 403
+        assert _Upstream.seen == ["POST /v1/fleet/pull-messages", "POST /v1/fleet/get-run",
+                                  "POST /v1/fleet/push-object", "GET /health"]
+        # A killed master leaves workers holding the port: a restart reaps them first.
+        assert front.proc is not None
+        os.kill(front.proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while not front.died() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        front.start()
+        assert call("GET", "/health") == 200
+    finally:
+        front.stop()
+        upstream.shutdown()
+    assert not front.died() and front.proc is None

@@ -230,3 +230,13 @@ def test_final_table_prints_a_markup_site_name_as_it_is(tmp_path, capsys):
     print_table(tmp_path)
     out = capsys.readouterr().out
     assert "[/bold]" in out and "[red]x[/red]" in out
+
+
+def test_only_a_vanished_serverapp_is_resubmitted():
+    from server.cli import lost_serverapp
+
+    assert lost_serverapp({"status": "finished:failed",
+                           "status-details": "No heartbeat received from the task"})
+    assert not lost_serverapp({"status": "finished:failed", "status-details":
+                               "ServerApp failed with exception: no site trained in any of rounds 1..2"})
+    assert not lost_serverapp({"status": "finished:completed", "status-details": ""})
