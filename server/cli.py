@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import shutil
 import signal
 import subprocess
@@ -191,15 +192,20 @@ def loopback_port() -> int:
 
 
 LOST_SERVERAPP = "No heartbeat received from the task"
+# A ServerApp ended by its own SuperLink answering 5xx on the runtime API (seen under load:
+# SQLite's "database is locked" after its 5 s busy timeout); Flower's Grid does not retry it.
+SUPERLINK_5XX = re.compile(r"ServerApp failed with exception: Server error '5\d\d [^']*' "
+                           r"for url '[^']*/v1/runtime/")
 
 
 def lost_serverapp(row: dict[str, Any]) -> bool:
-    """A run that failed because its ServerApp process vanished without reporting (killed,
-    out of memory, or ended by a transient SuperLink error such as SQLite's "database is
-    locked" under load), not because the app raised: worth resuming. A ServerApp exception
-    (``ServerApp failed with exception: ...``, e.g. a bad setting or no site trained) is not."""
-    return (str(row.get("status")) == "finished:failed"
-            and str(row.get("status-details", "")).strip() == LOST_SERVERAPP)
+    """A run that failed because its ServerApp was lost, not because the app raised: the
+    process vanished without reporting (killed, out of memory) or its own SuperLink answered
+    a runtime call with a 5xx. Worth resuming from the checkpoint. Any other ServerApp
+    exception (a bad setting, no site trained, ...) is not."""
+    details = str(row.get("status-details", "") or "").strip()
+    return str(row.get("status")) == "finished:failed" and (
+        details == LOST_SERVERAPP or bool(SUPERLINK_5XX.match(details)))
 
 
 def log_settings(args: dict[str, str], default: Path) -> LogSettings:
@@ -549,8 +555,8 @@ class Coordinator:
                     progress.check()
                     if lost_serverapp(row) and self.restarts < int(self.args.get("restarts", 3)):
                         self.restarts += 1
-                        run_id = self.resubmit(run_id, progress, "lost its ServerApp (the "
-                                               f"SuperLink says: {row.get('status-details')})")
+                        why = str(row.get("status-details")).strip().splitlines()[0][:200]
+                        run_id = self.resubmit(run_id, progress, f"lost its ServerApp ({why})")
                         deadline = time.monotonic() + budget
                         next_status = time.monotonic() + STATUS_EVERY_S
                         continue

@@ -240,3 +240,11 @@ def test_only_a_vanished_serverapp_is_resubmitted():
     assert not lost_serverapp({"status": "finished:failed", "status-details":
                                "ServerApp failed with exception: no site trained in any of rounds 1..2"})
     assert not lost_serverapp({"status": "finished:completed", "status-details": ""})
+    # Its own SuperLink failed a runtime call (SQLite "database is locked" under load)
+    assert lost_serverapp({"status": "finished:failed", "status-details":
+                           "ServerApp failed with exception: Server error '500 Internal Server "
+                           "Error' for url 'https://127.0.0.1:55349/v1/runtime/pull-messages'\n"
+                           "For more information check: https://developer.mozilla.org/"})
+    assert not lost_serverapp({"status": "finished:failed", "status-details":
+                               "ServerApp failed with exception: Server error '500 x' for url "
+                               "'https://evil/v1/other'"})
