@@ -67,6 +67,7 @@ from server.flwrctl import (
     LogSettings,
     close_logger,
     descendants,
+    exited_children,
     file_logger,
     flower_env,
     is_flower_process,
@@ -422,11 +423,18 @@ class Coordinator:
         self.save()
 
     def link_died(self) -> bool:
+        """True when the SuperLink exited, or is up but cannot start a ServerApp any more (its
+        flower-superexec exited, e.g. after a 500 from the SuperLink under load: Flower does
+        not restart it): then it is stopped here, to be restarted like a dead one."""
         assert self.link is not None
         if self.link.poll() is None:
             # who belongs to it, while it can still be asked: its children outlive a crash
             self.family = descendants(self.link.pid) or self.family
-            return False
+            if not exited_children(self.link.pid, "flower-superexe"):
+                return False
+            self.say("the SuperLink's flower-superexec exited (Flower does not start it again, "
+                     "and no ServerApp can start without it): stopping the SuperLink", err=True)
+            stop_group(self.link, grace_s=10)
         return True
 
     def restart_link(self) -> None:

@@ -248,3 +248,25 @@ def test_only_a_vanished_serverapp_is_resubmitted():
     assert not lost_serverapp({"status": "finished:failed", "status-details":
                                "ServerApp failed with exception: Server error '500 x' for url "
                                "'https://evil/v1/other'"})
+
+
+def test_an_exited_superexec_is_seen(tmp_path):
+    """Flower 1.42's SuperLink never restarts its flower-superexec; m2diff-server restarts the
+    SuperLink when that child has exited (a zombie of the SuperLink)."""
+    import os
+    import shutil
+    import subprocess
+    import time
+
+    from server.flwrctl import exited_children
+
+    fake = tmp_path / "flower-superexec"
+    shutil.copy("/bin/true", fake)
+    child = subprocess.Popen([str(fake)])
+    deadline = time.monotonic() + 10
+    while not exited_children(os.getpid(), "flower-superexe") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert exited_children(os.getpid(), "flower-superexe") == [child.pid]
+    assert exited_children(os.getpid(), "flower-superlink") == []
+    child.wait()
+    assert exited_children(os.getpid(), "flower-superexe") == []
