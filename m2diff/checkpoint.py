@@ -8,9 +8,13 @@
                               # without data.path / data.cache_dir (no site paths leave a site)
  "extra": {...}}              # e.g. step, optimizer state, raw weights for resuming, round
 ```
-Saving is atomic (temp file in the same folder, flush + fsync, ``os.replace``), so a kill at
-any moment leaves the previous checkpoint intact. Loading is ``weights_only`` and every failure
-is a ``CheckpointError`` that names the file.
+Saving is atomic (temp file in the same folder, flush + fsync, ``os.replace``, fsync of the
+folder), so a kill at any moment leaves the previous checkpoint intact. Loading is
+``weights_only`` (torch >= 2.6: below it, that can be bypassed) and every failure is a
+``CheckpointError`` that names the file. A checkpoint is untrusted input: before a model is
+built from the config it carries, the config's numbers are bounded and the model it asks for
+is sized on torch's meta device (nothing allocated) and must hold exactly as many weights as
+the file does (a 1.4 KB file once asked for a 36 GiB model).
 """
 
 from __future__ import annotations
@@ -149,10 +153,61 @@ def load_checkpoint(path: str | os.PathLike,
     return ckpt
 
 
-def _build(model_cfg: Mapping[str, Any], path: Path) -> nn.Module:
+MAX_CFG_INT = 2**16        # any integer in a model config (channels, blocks, heads, timesteps)
+MAX_CFG_LIST = 64          # entries of any list in it (levels, loss weights)
+MAX_MODEL_BYTES = 16 * 2**30  # the paper's model is 0.76 GiB
+
+
+def _cfg_problem(value: Any, key: str = "model") -> str | None:
+    """The first number or list of a model config outside the bounds above, if any."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            problem = _cfg_problem(v, f"{key}.{k}")
+            if problem:
+                return problem
+    elif isinstance(value, list | tuple):
+        if len(value) > MAX_CFG_LIST:
+            return f"{key} has {len(value)} entries (at most {MAX_CFG_LIST})"
+        for i, v in enumerate(value):
+            problem = _cfg_problem(v, f"{key}[{i}]")
+            if problem:
+                return problem
+    elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_CFG_INT:
+        return f"{key}={value} is larger than {MAX_CFG_INT}"
+    return None
+
+
+def model_state_bytes(model_cfg: Mapping[str, Any]) -> tuple[int, int]:
+    """(number of weights, bytes) of the state dict ``build_model(model_cfg)`` makes, built on
+    torch's meta device: no memory is allocated, whatever the config asks for."""
+    with torch.device("meta"):
+        model = build_model(model_cfg)
+    state = model.state_dict().values()
+    return (int(sum(t.numel() for t in state)),
+            int(sum(t.numel() * t.element_size() for t in state)))
+
+
+def _build(model_cfg: Mapping[str, Any], path: Path,
+           weights: Mapping[str, Tensor] | None = None) -> nn.Module:
+    """Build the model of ``model_cfg``; with ``weights`` (what the file holds) only when the
+    model it asks for is bounded and holds as many weights."""
     try:
+        if weights is not None:
+            problem = _cfg_problem(dict(model_cfg))
+            if problem:
+                raise CheckpointError(f"{path}: stored model config refused: {problem}")
+            count, size = model_state_bytes(model_cfg)
+            stored = sum(int(t.numel()) for t in weights.values() if isinstance(t, Tensor))
+            if size > MAX_MODEL_BYTES:
+                raise CheckpointError(f"{path}: stored model config asks for a {size / 2**30:.1f} "
+                                      f"GiB model (at most {MAX_MODEL_BYTES / 2**30:.0f} GiB)")
+            if count != stored:
+                raise CheckpointError(f"{path}: stored model config asks for {count} weights, the "
+                                      f"file holds {stored}: weights do not fit the model config")
         return build_model(model_cfg)
-    except (ConfigError, TypeError, ValueError) as exc:
+    except CheckpointError:
+        raise
+    except (ConfigError, TypeError, ValueError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: stored model config cannot build a model: {exc}") from None
 
 
@@ -163,7 +218,7 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu"
     holds e.g. ``norm_percentile`` when the saver passed the whole config)."""
     path = Path(path)
     ckpt = load_checkpoint(path)
-    model = _build(ckpt["model_cfg"], path)
+    model = _build(ckpt["model_cfg"], path, weights=ckpt["model"])
     check_compatible(ckpt["model"], model, str(path))
     model.load_state_dict(ckpt["model"])
     stored = ckpt.get("cfg") if isinstance(ckpt.get("cfg"), dict) else {}

@@ -43,13 +43,20 @@ def array_spec(arrays: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
     return {k: tuple(np.shape(v)) for k, v in arrays.items()}
 
 
+def dtype_spec(arrays: Mapping[str, np.ndarray]) -> dict[str, str]:
+    """Names and numpy dtypes (``'float32'``) of a state dict."""
+    return {k: str(np.asarray(v).dtype) for k, v in arrays.items()}
+
+
 def update_problems(
-    arrays: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]]
+    arrays: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]],
+    dtypes: Mapping[str, str] | None = None,
 ) -> list[str]:
     """What is wrong with one site's model update (empty list: usable).
 
-    Checks the parameter names and shapes against the global model's and that every
-    value is finite. Never raises for bad data.
+    Checks the parameter names, shapes and (with ``dtypes``) numpy dtypes against the
+    global model's and that every value is finite. Never raises for bad data: a string,
+    complex or object array is a problem to report, not an exception.
     """
     problems: list[str] = []
     missing = sorted(set(expected) - set(arrays))
@@ -61,11 +68,52 @@ def update_problems(
     for key, value in arrays.items():
         if key not in expected:
             continue
-        if tuple(np.shape(value)) != tuple(expected[key]):
+        dtype = np.asarray(value).dtype
+        if dtypes is not None and key in dtypes and str(dtype) != dtypes[key]:
+            problems.append(f"{key}: dtype {dtype} != {dtypes[key]}")
+        elif tuple(np.shape(value)) != tuple(expected[key]):
             problems.append(f"{key}: shape {tuple(np.shape(value))} != {tuple(expected[key])}")
-        elif np.issubdtype(np.asarray(value).dtype, np.number) and not np.all(np.isfinite(value)):
+        elif not np.issubdtype(dtype, np.number) and dtype != np.bool_:
+            problems.append(f"{key}: dtype {dtype} is not numeric")
+        elif np.issubdtype(dtype, np.number) and not np.all(np.isfinite(value)):
             problems.append(f"{key}: non-finite values")
     return problems
+
+
+def weight_problem(value: Any, cap: int, allow_zero: bool = False) -> str | None:
+    """What is wrong with a reply's ``num-examples`` (FedAvg's weight), None when usable:
+    it must be an integer (not a float such as 1e15, not a bool) in ``1..cap`` (``0..cap``
+    with ``allow_zero``: an evaluation on a site without test subjects)."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        return f"num-examples {value!r} is not an integer"
+    low = 0 if allow_zero else 1
+    if not low <= int(value) <= cap:
+        return f"num-examples {int(value)} is outside {low}..{cap} (fl.update_check.max_num_examples)"
+    return None
+
+
+def update_norm(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
+    """L2 norm of ``arrays - reference`` over all floating-point arrays, in float64 (so a
+    finite 3e38 update gives a finite, huge norm instead of overflowing)."""
+    total = 0.0
+    for key, ref in reference.items():
+        ref = np.asarray(ref)
+        if not np.issubdtype(ref.dtype, np.floating) or key not in arrays:
+            continue
+        diff = np.asarray(arrays[key], dtype=np.float64) - ref.astype(np.float64)
+        total += float(np.dot(diff.ravel(), diff.ravel()))
+    return math.sqrt(total)
+
+
+def model_norm(arrays: Mapping[str, np.ndarray]) -> float:
+    """L2 norm of the floating-point arrays of a model, in float64."""
+    total = 0.0
+    for value in arrays.values():
+        value = np.asarray(value)
+        if np.issubdtype(value.dtype, np.floating):
+            flat = value.astype(np.float64).ravel()
+            total += float(np.dot(flat, flat))
+    return math.sqrt(total)
 
 
 def metric_problems(metrics: Mapping[str, Any]) -> list[str]:

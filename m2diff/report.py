@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
+from rich.text import Text  # noqa: E402
 
 # Column key -> (header, format); unknown keys are printed with str().
 FORMATS: dict[str, tuple[str, str]] = {
@@ -38,8 +39,25 @@ FORMATS: dict[str, tuple[str, str]] = {
 
 
 # ---------------------------------------------------------------------------- writing files
+def fsync_folder(folder: Path) -> None:
+    """Make a rename inside ``folder`` durable (the directory entry itself is on disk after
+    this; without it a power cut right after ``os.replace`` can bring the old file back)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on a directory; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
 def _atomic_write(path: Path, write: Any, binary: bool = False) -> Path:
-    """Call ``write(fileobj)`` on a temporary file beside ``path``, fsync, then rename."""
+    """Call ``write(fileobj)`` on a temporary file beside ``path``, fsync it, rename it into
+    place and fsync the folder: a reader sees the old or the new file, never a part, also
+    after a crash or power cut."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -52,7 +70,13 @@ def _atomic_write(path: Path, write: Any, binary: bool = False) -> Path:
     finally:
         if tmp.exists():
             tmp.unlink()
+    fsync_folder(path.parent)
     return path
+
+
+def write_text(path: Path, text: str) -> Path:
+    """Write ``text`` atomically (configuration files, ledgers)."""
+    return _atomic_write(path, lambda fh: fh.write(text))
 
 
 def _plain(value: Any) -> Any:
@@ -126,11 +150,13 @@ def cells(row: Mapping[str, Any], columns: Sequence[str]) -> list[str]:
 
 def make_table(rows: Sequence[Mapping[str, Any]], title: str, columns: Sequence[str]) -> Table:
     """A rich Table with one row per dict; a column ``x`` shows ``x +- x_std`` when present."""
-    table = Table(title=title, title_justify="left")
+    # Text, not markup: a site name or folder such as "[/bold]" is shown as it is (rich would
+    # parse it as a closing tag and raise).
+    table = Table(title=Text(title), title_justify="left")
     for key in columns:
         table.add_column(header(key), justify="left" if key in ("site", "method", "cohort", "subject") else "right")
     for row in rows:
-        table.add_row(*cells(row, columns))
+        table.add_row(*(Text(c) for c in cells(row, columns)))
     return table
 
 

@@ -1,9 +1,15 @@
 """The ServerApp: compose the config, build the strategy, run the rounds, checkpoint each.
 
 Run config (pyproject ``[tool.flwr.app.config]``): ``out-dir`` (absolute; the ServerApp
-runs in the SuperLink's working directory) and ``overrides`` (the Hydra overrides every
-ClientApp composes too). ``fl.rounds`` is the round the run ends at: with ``fl.resume``
-and ``out-dir/checkpoint.pt`` present, it continues at the round after the checkpoint's.
+runs in the SuperLink's working directory), ``overrides`` (the Hydra overrides every
+ClientApp composes too) and ``registered-sites`` (``NODE_ID=NAME ...``: the site name of
+each registered SuperNode key, set by m2diff-server with SuperNode auth; a reply may not
+contradict it). ``fl.rounds`` is the round the run ends at: with ``fl.resume`` and
+``out-dir/checkpoint.pt`` present, it continues at the round after the checkpoint's.
+
+A run in which no round changed the global model (every site refused, was rejected or
+dropped out) fails: the ServerApp raises ``NothingTrained`` with the reasons, so
+``flwr ls`` reports ``finished:failed`` and m2diff-server / m2diff simulate exit 1.
 """
 
 from __future__ import annotations
@@ -20,16 +26,26 @@ from omegaconf import DictConfig
 
 from m2diff.checkpoint import check_compatible
 from m2diff.config import resolve_path
-from m2diff.fedutil import array_spec, compose_run_config, format_site_table, metric_rows
+from m2diff.fedutil import (
+    array_spec,
+    compose_run_config,
+    dtype_spec,
+    format_site_table,
+    metric_rows,
+)
 from m2diff.model import build_model
 from m2diff.report import write_json
 from server.checkpoint import SITES_FILE, RoundRecorder, load_resume, save_global
 from server.privacy import LEDGER_FILE, ClientLevelAccountant, central_dp_settings, wrap_central_dp
 from server.rounds import RoundTiming, run_rounds
 from server.secagg import SecureTrainPhase, check_secagg, secagg_settings
-from server.strategy import SiteAwareMixin, build_strategy
+from server.strategy import SiteAwareMixin, build_strategy, parse_registered
 
 app = ServerApp()
+
+
+class NothingTrained(RuntimeError):
+    """No round of the run changed the global model."""
 
 
 def out_dir(run_config: dict[str, Any], cfg: DictConfig) -> Path:
@@ -47,12 +63,35 @@ def round_rows(strategy: SiteAwareMixin, rnd: int, timing: RoundTiming) -> list[
     """Table rows of one round: per site and cohort, evaluate + train metrics + timings."""
     rows: list[dict[str, Any]] = []
     train = strategy.train_metrics.get(rnd, {})
+    rejected = {**{s: f"evaluate: {w}" for s, w in strategy.rejected_evaluate.get(rnd, {}).items()},
+                **strategy.rejected.get(rnd, {})}
     for site, metrics in sorted(strategy.evaluate_metrics.get(rnd, {}).items()):
-        for row in metric_rows(rnd, site, metrics, train.get(site)):
-            row.update(round_train_s=round(timing.train_s, 3),
-                       round_evaluate_s=round(timing.evaluate_s, 3))
-            rows.append(row)
+        rows += metric_rows(rnd, site, metrics, train.get(site))
+    # A site whose every reply was dropped still gets a row saying why (n = 0: no table line).
+    shown = {r["site"] for r in rows}
+    rows += [{"round": rnd, "site": site, "cohort": "ALL", "n": 0}
+             for site in sorted(set(rejected) - shown)]
+    for row in rows:
+        row.update(round_train_s=round(timing.train_s, 3),
+                   round_evaluate_s=round(timing.evaluate_s, 3),
+                   global_updated=int(timing.updated))
+        if row["site"] in rejected:
+            row["rejected"] = rejected[row["site"]]
     return rows
+
+
+def nothing_trained(strategy: SiteAwareMixin, first: int, last: int) -> str:
+    """Why no round in ``first..last`` changed the global model, one line."""
+    parts = []
+    for label, per_round in (("refused to train (privacy budget)", strategy.refused),
+                             ("rejected", strategy.rejected), ("no reply", strategy.dropped)):
+        sites = sorted({s for r in range(first, last + 1) for s in per_round.get(r, [])})
+        if sites:
+            parts.append(f"{label}: {', '.join(sites)}")
+    reasons = sorted({w for r, w in strategy.not_aggregated.items() if first <= r <= last})
+    parts += reasons[:3]
+    return (f"no site trained in any of rounds {first}..{last}, the global model is unchanged "
+            f"({'; '.join(parts) or 'no reason recorded'}); see the log for each site's reason")
 
 
 @app.main()
@@ -71,8 +110,9 @@ def main(grid: Grid, context: Context) -> None:
         log(INFO, "resuming from %s after round %d", out / "checkpoint.pt", resume.round)
     last = int(cfg.fl.rounds)
     arrays = ArrayRecord(model.state_dict())
-    expected = array_spec({k: a.numpy() for k, a in arrays.items()})
-    strategy = build_strategy(cfg.fl, expected)
+    state = {k: a.numpy() for k, a in arrays.items()}
+    strategy = build_strategy(cfg.fl, array_spec(state), dtype_spec(state))
+    strategy.registered = parse_registered(str(context.run_config.get("registered-sites", "")))
     strategy.require_dp = str(cfg.privacy.get("kind", "none")) == "dp"
     if resume is not None and resume.server_state:
         strategy.load_server_state(resume.server_state)
@@ -99,13 +139,17 @@ def main(grid: Grid, context: Context) -> None:
         log(INFO, "nothing to do: checkpoint is at round %d, fl.rounds=%d", first - 1, last)
         return
 
+    updated: list[int] = []
+
     def on_round(rnd: int, new_arrays: ArrayRecord, timing: RoundTiming) -> None:
+        if timing.updated:
+            updated.append(rnd)
         model.load_state_dict(new_arrays.to_torch_state_dict())
         save_global(out, model, cfg, rnd, sites=sorted(set(strategy.site_names.values())),
                     server_state=strategy.server_state())
         rows = round_rows(strategy, rnd, timing)
         if ledger is not None:
-            ledger.save(out / LEDGER_FILE)
+            # (saved by the wrapper when the round was released, before the sites saw it)
             eps = ledger.epsilon()
             log(INFO, "round %d: cumulative client-level epsilon %.4g at delta %g",
                 rnd, eps, ledger.delta)
@@ -126,3 +170,5 @@ def main(grid: Grid, context: Context) -> None:
     last_rows = [r for r in recorder.rows if r["round"] == last]
     for line in format_site_table(last_rows).splitlines():
         log(INFO, "%s", line)
+    if not updated:
+        raise NothingTrained(nothing_trained(strategy, first, last))

@@ -227,6 +227,25 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def exited_children(pid: int, comm_prefix: str) -> list[int]:
+    """Children of ``pid`` whose command name starts with ``comm_prefix`` and that have exited
+    but were not reaped (zombies). Flower 1.42's SuperLink starts ``flower-superexec`` (the
+    process that starts every ServerApp) and never restarts it: a zombie superexec means no
+    run can start any more."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        comm = text[text.find("(") + 1:text.rfind(")")]
+        fields = text.rsplit(")", 1)[1].split()
+        if len(fields) > 1 and fields[1] == str(pid) and comm.startswith(comm_prefix) \
+                and fields[0] == "Z":
+            out.append(int(stat.parent.name))
+    return out
+
+
 def _signal_pids(pids: list[int], sig: int) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):

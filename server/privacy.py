@@ -57,6 +57,10 @@ LEDGER_FILE = "central_dp.json"
 MEAN_STRATEGIES = ("fedavg", "fedprox")
 
 
+class LedgerMissing(RuntimeError):
+    """A central-DP run would resume without the ledger of the rounds it already released."""
+
+
 class ClientLevelAccountant:
     """Epsilon of the client-level Gaussian mechanism over the rounds released so far.
 
@@ -67,6 +71,7 @@ class ClientLevelAccountant:
     def __init__(self, delta: float, history: Iterable[Iterable[float]] = ()) -> None:
         self.delta = float(delta)
         self.history: list[list[float]] = [[int(r), float(z), float(q)] for r, z, q in history]
+        self.path: Path | None = None  # where save() writes (set by load)
 
     def step(self, server_round: int, noise_multiplier: float, sample_rate: float) -> float:
         """Count one released round; return the cumulative epsilon."""
@@ -82,16 +87,37 @@ class ClientLevelAccountant:
             acc.step(noise_multiplier=z, sample_rate=q)
         return float(acc.get_epsilon(delta=self.delta))
 
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps({"delta": self.delta, "history": self.history}, indent=1))
+    def save(self, path: Path | None = None) -> None:
+        """Write the ledger atomically (m2diff.report's writer: temp file, fsync, rename,
+        fsync of the folder) to ``path`` or the file it was loaded from."""
+        from m2diff.report import write_json
+
+        path = path or self.path
+        if path is None:
+            return
+        write_json(path, {"delta": self.delta, "history": self.history})
 
     @classmethod
     def load(cls, path: Path, delta: float, keep_until: int) -> ClientLevelAccountant:
-        """The ledger of a resumed run, rounds after ``keep_until`` dropped (empty if none)."""
+        """The ledger of a run, saved back to ``path`` after every released round. Every
+        row is kept, also rounds after the checkpoint's ``keep_until``: their noised model
+        was released (to the sites, in the evaluate phase) before the crash that lost the
+        checkpoint, so a round run again counts twice. A run that resumes after round
+        ``keep_until`` > 0 needs the file: without it the epsilon already spent is unknown,
+        and LedgerMissing says so."""
         if not path.is_file():
-            return cls(delta)
-        rows = json.loads(path.read_text()).get("history", [])
-        return cls(delta, [r for r in rows if int(r[0]) <= keep_until])
+            if keep_until > 0:
+                raise LedgerMissing(
+                    f"{path} is missing but the checkpoint is at round {keep_until}: the "
+                    "client-level epsilon of the released rounds is unknown, so the run is not "
+                    "resumed. Restore the file, or start over with fl.resume=false (a new "
+                    "out-dir) if those rounds did not use privacy=central_dp")
+            ledger = cls(delta)
+        else:
+            rows = json.loads(path.read_text()).get("history", [])
+            ledger = cls(delta, rows)
+        ledger.path = path
+        return ledger
 
 
 def effective_noise_multiplier(noise_multiplier: float, num_sampled: int,
@@ -141,14 +167,17 @@ class _CentralDP:
                   if not m.has_error()]
         if isinstance(self, ServerFixedDP | ServerAdaptiveDP):
             usable = self._drop_unchanged(server_round, usable)
-        if not usable:
-            log(WARNING, "round %d: no usable site update; the global model stays as it is",
-                server_round)
+        if not self.site.enough_to_aggregate(server_round, usable):
             return None, None
         weights = [float(next(iter(m.content.metric_records.values())).get(WEIGHT_KEY, 0))
                    for m in usable]
-        arrays, metrics = super().aggregate_train(server_round, usable)  # type: ignore[misc]
+        try:
+            arrays, metrics = super().aggregate_train(server_round, usable)  # type: ignore[misc]
+        except Exception as exc:  # never end the federation over one round's aggregate
+            return self.site.aggregation_failed(server_round, exc), None
         if arrays is not None:
+            # Counted and written to disk before the noised model leaves this function (the
+            # evaluate phase sends it to every site): a crash after a release never loses it.
             self.account(server_round, weights)
         return arrays, metrics
 
@@ -172,6 +201,7 @@ class _CentralDP:
         """Count one noised release of a mean over sites with these weights; the epsilon."""
         z = effective_noise_multiplier(self.accounted_noise, self.num_sampled_clients, weights)
         eps = self.ledger.step(server_round, z, self.sample_rate)
+        self.ledger.save()
         log(INFO, "round %d: client-level DP epsilon %.4g at delta %g after %d round(s) "
             "(noise multiplier %.3g counted, sample rate %.3g)", server_round, eps,
             self.ledger.delta, len(self.ledger.history), z, self.sample_rate)

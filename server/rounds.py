@@ -22,11 +22,13 @@ from server.strategy import SiteAwareMixin
 
 @dataclass
 class RoundTiming:
-    """Wall seconds of one round's two phases as the ServerApp saw them."""
+    """Wall seconds of one round's two phases as the ServerApp saw them, and whether its
+    train phase changed the global model (False: no usable update was aggregated)."""
 
     round: int
     train_s: float
     evaluate_s: float
+    updated: bool = False
 
 
 TrainPhase = Callable[[int, ArrayRecord, Grid, ConfigRecord], "ArrayRecord | None"]
@@ -68,10 +70,13 @@ def run_rounds(
                 timeout=timeout,
             )
             new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)  # type: ignore[attr-defined]
-        if new_arrays is not None and _finite(new_arrays):
+        updated = new_arrays is not None and _finite(new_arrays)
+        if updated:
             arrays = new_arrays
         elif new_arrays is not None:
             log(WARNING, "round %d: aggregate is not finite; keeping the previous global model", rnd)
+            site_aware = getattr(strategy, "site", strategy)  # under a central-DP wrapper
+            site_aware.not_aggregated[rnd] = "the aggregate was not finite"
         if train_metrics is not None:
             log(INFO, "\t└──> train: %s", train_metrics)
         t1 = time.perf_counter()
@@ -84,5 +89,5 @@ def run_rounds(
         if eval_metrics is not None:
             log(INFO, "\t└──> evaluate: %s", eval_metrics)
         t2 = time.perf_counter()
-        on_round(rnd, arrays, RoundTiming(rnd, t1 - t0, t2 - t1))
+        on_round(rnd, arrays, RoundTiming(rnd, t1 - t0, t2 - t1, updated))
     return arrays

@@ -44,7 +44,7 @@ from flwr.supercore import log
 from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, compute_stdv
 from omegaconf import DictConfig
 
-from m2diff.fedutil import metric_problems
+from m2diff.fedutil import metric_problems, weight_problem
 from server.strategy import WEIGHT_KEY, SiteAwareMixin
 
 SITE_METRIC = "site"  # the site's name, a string entry of the (plain-text) legacy fit metrics
@@ -176,11 +176,15 @@ class SecureTrainPhase:
             answered.add(node)
             metrics = dict(res.metrics)
             name = metrics.pop(SITE_METRIC, None)
-            if name:
-                self.site.site_names[node] = str(name)
+            claim = self.site.claim_name(node, str(name)) if name is not None else None
             numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
             numbers[WEIGHT_KEY] = float(res.num_examples)
-            problems = metric_problems(numbers)
+            problems = metric_problems(numbers) + ([claim] if claim else [])
+            # The weight is inside the masked sum already (clipped to max_weight by Flower's
+            # secaggplus_mod): it can be reported, not removed.
+            weight = weight_problem(int(res.num_examples), self.site.limits.max_num_examples,
+                                    allow_zero=True)
+            problems += [weight] if weight else []
             site = self.site.site_name(node)
             if problems:
                 log(WARNING, "round %d train: site %s metrics: %s", rnd, site, "; ".join(problems))

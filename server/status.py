@@ -115,6 +115,11 @@ def status(args: dict[str, str]) -> int:
         f"{'answers' if nodes is not None else 'does not answer (' + reason + ')'}; "
         f"m2diff-server {'running, pid ' + str(state['pid']) if running else 'not running'}"
     )
+    if state.get("front"):
+        front_up = running and _pid_alive(state.get("front_pid"))
+        print(f"public front (nginx, Fleet API only) {state['front']}: "
+              f"{'running, pid ' + str(state['front_pid']) if front_up else 'not running'}"
+              + (f"; app (FAB) sha256 {state['app_sha256']}" if state.get("app_sha256") else ""))
     if nodes is not None:
         online = sum(1 for n in nodes if n.get("status") == "online")
         rich_table(

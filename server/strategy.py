@@ -2,19 +2,39 @@
 
 ``SiteAwareMixin`` sits in front of any message-based Flower strategy (FedAvg, FedProx,
 FedAdam, FedMedian, FedTrimmedAvg): before the base class aggregates, it maps each reply's
-``src_node_id`` to the site name the reply carries, drops replies with the wrong
-arrays (names/shapes), non-finite values or inconsistent metric keys (one log line naming
-the site; such a reply would otherwise poison the average or end the ServerApp), leaves out
-train replies with ``dp_refused == 1`` (a DP site whose privacy budget is spent), and keeps
-per-site train and evaluate metrics for the round report. Error replies (a site that
-dropped out) are logged and skipped; the base class aggregates the survivors.
+``src_node_id`` to the site name the reply carries (with SuperNode auth: the name registered
+for that node's key, which the reply must not contradict), drops replies that could poison
+the average or end the ServerApp, leaves out train replies with ``dp_refused == 1`` (a DP
+site whose privacy budget is spent), and keeps per-site train and evaluate metrics for the
+round report. A reply is dropped (one log line naming the site, and the site's rows of the
+round say why) when
+
+* its arrays differ from the global model's in names, shapes or dtypes, or hold NaN/inf;
+* its weight ``num-examples`` is not an integer in ``1..fl.update_check.max_num_examples``
+  (a float 1e15 would replace the global model, -199 flip and amplify an update, weights
+  summing to 0 divide by zero);
+* its update ``trained - global`` has an L2 norm above ``norm_vs_model`` x the global
+  model's norm, or above ``norm_vs_median`` x the median update norm of the round (with at
+  least 3 updates): a finite 3e38 update is as bad as a NaN;
+* its metrics are not finite numbers or its metric keys differ from the other sites';
+* it claims a site name with characters outside ``[A-Za-z0-9._-]`` or another site's name.
+
+Aggregation itself never raises: whatever the base strategy cannot aggregate leaves the
+global model as it was and is logged. Robust strategies (fedmedian, fedtrimmedavg) refuse
+settings under which they would be a plain mean (``check_strategy``), and a round in
+which too few usable updates arrived for them to trim anything keeps the global model.
+Error replies (a site that dropped out) are logged and skipped.
 """
 
 from __future__ import annotations
 
+import math
+import re
+import statistics
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from logging import INFO, WARNING
+from dataclasses import dataclass
+from logging import ERROR, INFO, WARNING
 from typing import Any
 
 import numpy as np
@@ -25,7 +45,13 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrim
 from flwr.supercore import log
 from omegaconf import DictConfig
 
-from m2diff.fedutil import metric_problems, update_problems
+from m2diff.fedutil import (
+    metric_problems,
+    model_norm,
+    update_norm,
+    update_problems,
+    weight_problem,
+)
 
 SITE_RECORD = "site"  # ConfigRecord key of a reply: {"name": "<site name>"}
 WEIGHT_KEY = "num-examples"
@@ -33,11 +59,62 @@ DP_EPSILON_KEY = "dp_epsilon"  # privacy=dp: the site's cumulative epsilon, in e
 REFUSED_KEY = "dp_refused"  # privacy=dp: 1 when a site's budget is spent and it did not train
 
 
+SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
 def reply_site(msg: Message) -> str | None:
     """The site name a reply carries, or None."""
     record = msg.content.config_records.get(SITE_RECORD)
     name = record.get("name") if record is not None else None
     return str(name) if name is not None else None
+
+
+def site_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a site (None: it can): 1-64 characters of ``A-Z a-z 0-9 . _ -``,
+    starting with a letter or digit, so it is safe in file names, logs and tables."""
+    if SITE_NAME.fullmatch(name):
+        return None
+    return f"site name {name[:40]!r} is not 1-64 characters of A-Z a-z 0-9 . _ -"
+
+
+def parse_registered(text: str) -> dict[int, str]:
+    """``"123=hospital-a 456=hospital-b"`` (run config ``registered-sites``) -> node id -> name;
+    ValueError on anything else."""
+    out: dict[int, str] = {}
+    for word in str(text or "").split():
+        node, sep, name = word.partition("=")
+        if not sep or not node.isdigit() or site_name_problem(name):
+            raise ValueError(f"registered-sites: {word!r} is not NODE_ID=SITE_NAME")
+        out[int(node)] = name
+    return out
+
+
+def format_registered(nodes: Mapping[Any, str]) -> str:
+    """The inverse of ``parse_registered`` (names that are not valid site names are left out)."""
+    return " ".join(f"{int(k)}={v}" for k, v in sorted(nodes.items(), key=lambda kv: int(kv[0]))
+                    if not site_name_problem(str(v)))
+
+
+@dataclass(frozen=True)
+class UpdateLimits:
+    """What one site's reply may be (``fl.update_check``; see the module doc)."""
+
+    max_num_examples: int = 1_000_000
+    norm_vs_median: float = 10.0
+    norm_vs_model: float = 100.0
+
+    @classmethod
+    def from_config(cls, fl: Mapping[str, Any]) -> UpdateLimits:
+        section = fl.get("update_check") or {}
+        limits = cls(**{k: type(getattr(cls, k))(section[k]) for k in
+                        ("max_num_examples", "norm_vs_median", "norm_vs_model") if k in section})
+        if limits.max_num_examples < 1:
+            raise ValueError(f"fl.update_check.max_num_examples={limits.max_num_examples} must be >= 1")
+        for key in ("norm_vs_median", "norm_vs_model"):
+            value = getattr(limits, key)
+            if not (value == 0 or (value >= 1 and math.isfinite(value))):
+                raise ValueError(f"fl.update_check.{key}={value} must be 0 (off) or >= 1")
+        return limits
 
 
 class SiteAwareMixin:
@@ -48,18 +125,37 @@ class SiteAwareMixin:
     train_metrics: dict[int, dict[str, dict[str, float]]]
     evaluate_metrics: dict[int, dict[str, dict[str, float]]]
     rejected: dict[int, dict[str, str]]
+    rejected_evaluate: dict[int, dict[str, str]]
     dropped: dict[int, list[str]]
     refused: dict[int, list[str]]
+    not_aggregated: dict[int, str]
+    registered: dict[int, str]
 
-    def init_site_aware(self, expected_arrays: Mapping[str, tuple[int, ...]]) -> None:
-        """Set the global model's array names and shapes every update must match."""
+    def init_site_aware(self, expected_arrays: Mapping[str, tuple[int, ...]],
+                        dtypes: Mapping[str, str] | None = None,
+                        limits: UpdateLimits | None = None) -> None:
+        """Set the global model's array names, shapes (and dtypes) every update must match
+        and the limits of ``fl.update_check``."""
         self.expected_arrays = dict(expected_arrays)
+        self.expected_dtypes = dict(dtypes) if dtypes is not None else None
+        self.limits = limits or UpdateLimits()
         self.site_names = {}
+        # node id -> the site name of its registered public key (SuperNode auth); a reply
+        # from such a node may not claim another name, nor another node a registered one.
+        self.registered = {}
         self.train_metrics, self.evaluate_metrics = {}, {}
-        self.rejected, self.dropped, self.refused = {}, {}, {}
+        self.rejected, self.dropped, self.refused = {}, {}, {}  # train replies
+        self.rejected_evaluate: dict[int, dict[str, str]] = {}
+        self.not_aggregated = {}  # round -> why its train phase left the global model as it was
         # privacy=dp: a train reply without an epsilon was trained without DP-SGD.
         self.require_dp = False
         self._sent: dict[tuple[int, bool], set[int]] = {}
+        self._global: dict[int, ArrayRecord] = {}  # round -> the arrays its updates start from
+
+    def min_train_replies(self) -> int:
+        """Usable train replies a round needs before this strategy aggregates (robust
+        strategies need enough to drop the extremes)."""
+        return 1
 
     # -- sending: remember who was asked, to name sites that never answer --------------
     def configure_train(
@@ -67,6 +163,7 @@ class SiteAwareMixin:
     ) -> Iterable[Message]:
         messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
         self._sent[(server_round, True)] = {m.metadata.dst_node_id for m in messages}
+        self._global = {server_round: arrays}  # only the round in flight is kept
         return messages
 
     def configure_evaluate(
@@ -81,18 +178,46 @@ class SiteAwareMixin:
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         usable = self._screen(server_round, list(replies), is_train=True)
-        if not any(not m.has_error() for m in usable):
-            log(WARNING, "round %d: no usable site update; the global model stays as it is",
-                server_round)
+        if not self.enough_to_aggregate(server_round, usable):
             return None, None
-        return super().aggregate_train(server_round, usable)  # type: ignore[misc]
+        try:
+            return super().aggregate_train(server_round, usable)  # type: ignore[misc]
+        except Exception as exc:  # never end the federation over one round's aggregate
+            return self.aggregation_failed(server_round, exc), None
+
+    def enough_to_aggregate(self, server_round: int, usable: list[Message]) -> bool:
+        """False (logged, and noted in ``not_aggregated``) when the round's usable updates
+        are none, or too few for a robust strategy to drop anything."""
+        good = sum(1 for m in usable if not m.has_error())
+        need = self.min_train_replies()
+        if good == 0:
+            why = "no usable site update"
+        elif good < need:
+            why = (f"{good} usable update(s), fewer than the {need} {type(self).__name__} needs "
+                   "to drop the extremes (it would be a plain mean)")
+        else:
+            return True
+        log(WARNING, "round %d: %s; the global model stays as it is", server_round, why)
+        self.not_aggregated[server_round] = why
+        return False
+
+    def aggregation_failed(self, server_round: int, exc: BaseException) -> None:
+        why = f"aggregation failed ({type(exc).__name__}: {str(exc)[:200]})"
+        log(ERROR, "round %d: %s; the global model stays as it is", server_round, why)
+        self.not_aggregated[server_round] = why
+        return None
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         usable = self._screen(server_round, list(replies), is_train=False)
         good = [m for m in usable if not m.has_error()]
         if not good or sum(_metrics(m).get(WEIGHT_KEY, 0) for m in good) <= 0:
             return None
-        return super().aggregate_evaluate(server_round, usable)  # type: ignore[misc]
+        try:
+            return super().aggregate_evaluate(server_round, usable)  # type: ignore[misc]
+        except Exception as exc:  # the per-site metrics are kept; only the mean is lost
+            log(ERROR, "round %d evaluate: aggregating the metrics failed (%s: %s)",
+                server_round, type(exc).__name__, str(exc)[:200])
+            return None
 
     def _screen(self, server_round: int, replies: list[Message], is_train: bool) -> list[Message]:
         """Replies fit for the base class: valid ones plus error replies (which it skips)."""
@@ -100,12 +225,15 @@ class SiteAwareMixin:
         errors = [m for m in replies if m.has_error()]
         candidates = [m for m in replies if not m.has_error()]
         verdicts: dict[int, list[str]] = {}
+        decoded: dict[int, dict[str, np.ndarray]] = {}  # Array.numpy() decodes: once per reply
         for msg in candidates:
-            node = msg.metadata.src_node_id
-            name = reply_site(msg)
-            if name:
-                self.site_names[node] = name
-            verdicts[id(msg)] = self._problems(msg, is_train)
+            claim = self.claim_name(msg.metadata.src_node_id, reply_site(msg))
+            try:
+                verdicts[id(msg)] = ([claim] if claim else []) + self._problems(msg, is_train, decoded)
+            except Exception as exc:  # an unreadable record (e.g. an object array) is a bad reply
+                verdicts[id(msg)] = [f"unreadable reply ({type(exc).__name__})"]
+        if is_train:
+            self._check_norms(server_round, candidates, verdicts, decoded)
         # FedAvg ends the run on differing metric keys: keep the most common key set.
         key_sets = Counter(frozenset(_metrics(m)) for m in candidates if not verdicts[id(m)])
         if key_sets:
@@ -121,7 +249,8 @@ class SiteAwareMixin:
             if problems:
                 log(WARNING, "round %d %s: rejected update from site %s: %s",
                     server_round, kind, site, "; ".join(problems[:3]))
-                self.rejected.setdefault(server_round, {})[site] = "; ".join(problems[:3])
+                rejected = self.rejected if is_train else self.rejected_evaluate
+                rejected.setdefault(server_round, {})[site] = "; ".join(problems[:3])
                 continue
             store.setdefault(server_round, {})[site] = dict(_metrics(msg))
             if is_train and _metrics(msg).get(REFUSED_KEY, 0) == 1:
@@ -144,7 +273,24 @@ class SiteAwareMixin:
                                                              self.dropped.get(server_round, []))
         return good + errors
 
-    def _problems(self, msg: Message, is_train: bool) -> list[str]:
+    def claim_name(self, node: int, name: str | None) -> str | None:
+        """Record the site name a reply from ``node`` claims; the problem with the claim
+        (the reply is then dropped), None when it is fine."""
+        if name is None:
+            return None
+        problem = site_name_problem(name)
+        if problem:
+            return problem
+        registered = self.registered.get(node)
+        if registered is not None and registered != name:
+            return f"claims to be site {name!r}, but node {node} is registered as {registered!r}"
+        if registered is None and name in self.registered.values():
+            return f"claims the name of registered site {name!r} from unregistered node {node}"
+        self.site_names[node] = name
+        return None
+
+    def _problems(self, msg: Message, is_train: bool,
+                  decoded: dict[int, dict[str, np.ndarray]]) -> list[str]:
         content = msg.content
         problems: list[str] = []
         if len(content.metric_records) != 1:
@@ -152,6 +298,11 @@ class SiteAwareMixin:
         metrics = _metrics(msg)
         if WEIGHT_KEY not in metrics:
             problems.append(f"no {WEIGHT_KEY}")
+        else:
+            weight = weight_problem(metrics[WEIGHT_KEY], self.limits.max_num_examples,
+                                    allow_zero=not is_train)
+            if weight:
+                problems.append(weight)
         problems += metric_problems(metrics)
         if is_train and self.require_dp and DP_EPSILON_KEY not in metrics:
             problems.append("trained without DP-SGD (no dp_epsilon) in a privacy=dp run")
@@ -159,9 +310,39 @@ class SiteAwareMixin:
             if len(content.array_records) != 1:
                 return problems + [f"expected one ArrayRecord, got {len(content.array_records)}"]
             record = next(iter(content.array_records.values()))
-            problems += update_problems({k: a.numpy() for k, a in record.items()},
-                                        self.expected_arrays)
+            decoded[id(msg)] = {k: a.numpy() for k, a in record.items()}
+            problems += update_problems(decoded[id(msg)], self.expected_arrays, self.expected_dtypes)
         return problems
+
+    def _check_norms(self, server_round: int, candidates: list[Message],
+                     verdicts: dict[int, list[str]], decoded: dict[int, dict[str, np.ndarray]]
+                     ) -> None:
+        """Add a problem to every train reply whose update norm is out of bounds (see the
+        module doc). Needs the round's global arrays (recorded by ``configure_train``);
+        refusals (``dp_refused``) are not updates and are left out of the median."""
+        base = self._global.get(server_round)
+        if base is None:
+            return
+        reference = {k: a.numpy() for k, a in base.items()}
+        norms: dict[int, float] = {}
+        for msg in candidates:
+            if verdicts[id(msg)] or _metrics(msg).get(REFUSED_KEY, 0) == 1:
+                continue
+            norms[id(msg)] = update_norm(decoded[id(msg)], reference)
+        limits = self.limits
+        if limits.norm_vs_model > 0:
+            bound = limits.norm_vs_model * model_norm(reference)
+            for key, norm in list(norms.items()):
+                if bound > 0 and norm > bound:
+                    verdicts[key].append(f"update norm {norm:.3g} > {limits.norm_vs_model:g} x the "
+                                         f"global model's norm ({bound:.3g}; fl.update_check.norm_vs_model)")
+                    del norms[key]
+        if limits.norm_vs_median > 0 and len(norms) >= 3:
+            median = statistics.median(norms.values())
+            for key, norm in norms.items():
+                if median > 0 and norm > limits.norm_vs_median * median:
+                    verdicts[key].append(f"update norm {norm:.3g} > {limits.norm_vs_median:g} x the "
+                                         f"round's median {median:.3g} (fl.update_check.norm_vs_median)")
 
     # -- server-side optimiser state (FedAdam's moments), kept in the checkpoint ---------
     def server_state(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -183,8 +364,9 @@ class SiteAwareMixin:
             setattr(self, name, {k: v.numpy() for k, v in moments.items()})
 
     def site_name(self, node_id: int) -> str:
-        """The name a node last reported, else ``node-<id>``."""
-        return self.site_names.get(node_id, f"node-{node_id}")
+        """The name registered for the node's key, else the name it last reported, else
+        ``node-<id>``."""
+        return self.registered.get(node_id) or self.site_names.get(node_id, f"node-{node_id}")
 
 
 def _metrics(msg: Message) -> Mapping[str, Any]:
@@ -204,11 +386,28 @@ class SiteFedAdam(SiteAwareMixin, FedAdam):
 
 
 class SiteFedMedian(SiteAwareMixin, FedMedian):
-    """Coordinate-wise median with site checks."""
+    """Coordinate-wise median with site checks (a median of two is their mean: >= 3)."""
+
+    def min_train_replies(self) -> int:
+        return MEDIAN_MIN_SITES
 
 
 class SiteFedTrimmedAvg(SiteAwareMixin, FedTrimmedAvg):
-    """Trimmed mean with site checks."""
+    """Trimmed mean with site checks: needs enough updates that ``beta`` trims one a side."""
+
+    def min_train_replies(self) -> int:
+        return trim_needs(float(self.beta))  # type: ignore[attr-defined]
+
+
+MEDIAN_MIN_SITES = 3
+
+
+def trim_needs(beta: float) -> int:
+    """Fewest updates of which Flower's trimmed mean (``int(beta * n)`` cut from each end)
+    drops at least one on each side."""
+    if not 0 < beta < 0.5:
+        return 10**9
+    return next(n for n in range(3, 10**6) if int(beta * n) >= 1)
 
 
 STRATEGIES: dict[str, type[SiteAwareMixin]] = {
@@ -220,15 +419,40 @@ STRATEGIES: dict[str, type[SiteAwareMixin]] = {
 }
 
 
-def build_strategy(fl: DictConfig, expected_arrays: Mapping[str, tuple[int, ...]]) -> SiteAwareMixin:
-    """The strategy named by ``fl.strategy`` with the federation's settings.
+def check_strategy(fl: Mapping[str, Any]) -> None:
+    """Refuse, naming the setting, a strategy that does not exist or a robust one whose
+    settings make it trim nothing (a plain mean that one site can poison); and bad
+    ``fl.update_check`` limits."""
+    name = str(fl["strategy"]).lower()
+    if name not in STRATEGIES:
+        raise ValueError(f"fl.strategy={fl['strategy']}: choose one of {', '.join(STRATEGIES)}")
+    n = int(fl["min_sites"])
+    if name == "fedtrimmedavg":
+        beta = float(fl["trim_beta"])
+        if not 0 < beta < 0.5:
+            raise ValueError(f"fl.trim_beta={beta}: must be in (0, 0.5) (the share cut from each end)")
+        if int(beta * n) < 1:
+            raise ValueError(f"fl.strategy=fedtrimmedavg with fl.trim_beta={beta} trims int({beta} x "
+                             f"{n}) = 0 of fl.min_sites={n} updates: nothing would be trimmed. Raise "
+                             f"fl.min_sites to >= {trim_needs(beta)}, raise fl.trim_beta to >= "
+                             f"{1 / max(n, 1):.3g} (< 0.5), or use fl.strategy=fedmedian")
+    if name == "fedmedian" and n < MEDIAN_MIN_SITES:
+        raise ValueError(f"fl.strategy=fedmedian with fl.min_sites={n}: the median of fewer than "
+                         f"{MEDIAN_MIN_SITES} updates is their mean; raise fl.min_sites to >= "
+                         f"{MEDIAN_MIN_SITES}")
+    UpdateLimits.from_config(fl)
+
+
+def build_strategy(fl: DictConfig, expected_arrays: Mapping[str, tuple[int, ...]],
+                   dtypes: Mapping[str, str] | None = None) -> SiteAwareMixin:
+    """The strategy named by ``fl.strategy`` with the federation's settings (checked by
+    ``check_strategy``); ``dtypes``: the global model's array dtypes every update must have.
 
     ``fl.min_sites`` is both the number of sites a round waits for and the number the
     federation may shrink to: a round blocks while fewer are connected.
     """
+    check_strategy(fl)
     name = str(fl.strategy).lower()
-    if name not in STRATEGIES:
-        raise ValueError(f"fl.strategy={fl.strategy}: choose one of {', '.join(STRATEGIES)}")
     n = int(fl.min_sites)
     kwargs: dict[str, Any] = dict(
         fraction_train=float(fl.fraction_train), fraction_evaluate=float(fl.fraction_evaluate),
@@ -242,5 +466,5 @@ def build_strategy(fl: DictConfig, expected_arrays: Mapping[str, tuple[int, ...]
     elif name == "fedtrimmedavg":
         kwargs["beta"] = float(fl.trim_beta)
     strategy = STRATEGIES[name](**kwargs)
-    strategy.init_site_aware(expected_arrays)
+    strategy.init_site_aware(expected_arrays, dtypes, UpdateLimits.from_config(fl))
     return strategy

@@ -17,7 +17,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.flwrctl import Federation, flower_env, stop_group, toml_pairs, tool, write_connection
+from server.flwrctl import (
+    Federation,
+    LogSettings,
+    file_logger,
+    flower_env,
+    stop_group,
+    toml_pairs,
+    tool,
+    write_connection,
+)
+from server.front import Front, FrontSettings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,8 +60,8 @@ class Certs:
     key: Path
 
 
-def make_certs(folder: Path) -> Certs:
-    """A CA and a server certificate (EC P-256) valid for 127.0.0.1 and localhost."""
+def make_certs(folder: Path, sans: Sequence[str] = ("IP:127.0.0.1", "DNS:localhost")) -> Certs:
+    """A CA and a server certificate (EC P-256) for ``sans`` (default 127.0.0.1 and localhost)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -73,8 +83,8 @@ def make_certs(folder: Path) -> Certs:
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=2))
             .add_extension(x509.SubjectAlternativeName([
-                x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
-                critical=False)
+                x509.IPAddress(ipaddress.ip_address(n[3:])) if n.startswith("IP:")
+                else x509.DNSName(n.removeprefix("DNS:")) for n in sans]), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .sign(ca_key, hashes.SHA256()))
@@ -120,35 +130,55 @@ class ProcessSet:
 
 @dataclass
 class LocalFederation:
-    """A SuperLink with TLS on a free port plus helpers to add SuperNodes and submit runs."""
+    """A deployment as m2diff-server makes it, on free ports: a SuperLink with TLS on
+    127.0.0.1 only (``link_port``; the coordinator's ``ctl`` dials it) behind the public TLS
+    front (nginx, server/front.py; ``port``, which SuperNodes dial), plus helpers to add
+    SuperNodes and submit runs."""
 
     procs: ProcessSet
     certs: Certs
     port: int
     ctl: Federation
     superlink: subprocess.Popen
+    link_port: int = 0
+    front: Front | None = None
 
     @classmethod
-    def start(cls, procs: ProcessSet) -> LocalFederation:
+    def start(cls, procs: ProcessSet, max_body_bytes: int = 16 * 2**20) -> LocalFederation:
         certs = make_certs(procs.workdir / "certs")
-        port = free_port()
+        port, link_port = free_port(), free_port()
         home = procs.workdir / "flwr-home"
-        write_connection(home, "test", f"127.0.0.1:{port}", root_certificates=certs.ca)
+        write_connection(home, "test", f"127.0.0.1:{link_port}", root_certificates=certs.ca)
         # One torch thread per process: several ClientApps share 2 cores here, and torch's
         # default (all cores each) oversubscribes them, 10-30x slower.
         env = flower_env(home, {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
         link = procs.start("superlink", [
-            tool("flower-superlink"), "--host", "127.0.0.1", "--port", str(port),
+            tool("flower-superlink"), "--host", "127.0.0.1", "--port", str(link_port),
             "--ssl-ca-certfile", str(certs.ca), "--ssl-certfile", str(certs.cert),
             "--ssl-keyfile", str(certs.key), "--disable-runtime-dependency-installation",
         ], env)
-        wait_port(port, proc=link)
-        return cls(procs, certs, port, Federation(home, "test", env), link)
+        wait_port(link_port, proc=link)
+        front = start_front(procs, port, link_port, certs, max_body_bytes)
+        return cls(procs, certs, port, Federation(home, "test", env), link, link_port, front)
 
     def supernode(self, name: str, node_config: dict[str, str]) -> subprocess.Popen:
-        """A SuperNode for one site (own clientappio port), TLS to the SuperLink."""
+        """A SuperNode for one site (own clientappio port), TLS to the public front."""
         return self.procs.start(name, [
             tool("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
             "--root-certificates", str(self.certs.ca), "--port", str(free_port()),
             "--node-config", toml_pairs(node_config),
         ], self.ctl.env)
+
+
+def start_front(procs: ProcessSet, port: int, link_port: int, certs: Certs,
+                max_body_bytes: int, host: str = "127.0.0.1") -> Front:
+    """The Fleet-only TLS front of m2diff-server (server/front.py) on ``host:port``, its log in
+    ``procs.workdir/front.log``; stopped with the other processes."""
+    settings = FrontSettings(host=host, port=port, link_port=link_port,
+                             folder=procs.workdir / "front", max_body_bytes=max_body_bytes,
+                             tls=(certs.ca, certs.cert, certs.key))
+    front = Front(settings, file_logger(LogSettings(procs.workdir), "front"))
+    front.start()
+    assert front.proc is not None
+    procs.procs.append(front.proc)
+    return front

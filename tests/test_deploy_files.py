@@ -122,6 +122,17 @@ def test_dockerfile_sources_exist_and_basics(dockerfile):
         assert run.index("TORCH_INDEX") < run.index("pip install .")
 
 
+def test_coordinator_image_and_ci_install_the_front():
+    """The public port is nginx (server/front.py): the coordinator image has it, .ci/run
+    installs it where it is missing and fails loudly where it cannot."""
+    run = " ".join(args for word, args in instructions(DEPLOY / "Dockerfile.coordinator")
+                   if word == "RUN")
+    assert re.search(r"apt-get install [^&]*\bnginx\b", run)
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "command -v nginx" in ci and "apt-get install" in ci and "exit 1" in ci
+    assert ci.index("apt-get install") < ci.index("bash scripts/test.sh")
+
+
 def test_dockerignore_keeps_data_out():
     ignored = {line.strip().rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines()
                if line.strip() and not line.startswith("#")}
@@ -262,10 +273,19 @@ def test_make_certs_produces_verified_cert_with_sans_and_site_keys(tmp_path):
     assert verify.returncode == 0 and "OK" in verify.stdout, verify.stdout + verify.stderr
     cert = x509.load_pem_x509_certificate((out / "superlink.crt").read_bytes())
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert set(sans.get_values_for_type(x509.DNSName)) == {"coordinator", "fl.example.org"}
+    # DNS:localhost is added (the front verifies the loopback SuperLink by it), once each
+    assert sorted(sans.get_values_for_type(x509.DNSName)) == ["coordinator", "fl.example.org", "localhost"]
     assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
     usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert x509.oid.ExtendedKeyUsageOID.SERVER_AUTH in usage
+    # The CA is a CA: critical basicConstraints, may sign certificates and CRLs only.
+    ca = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
+    basic = ca.extensions.get_extension_for_class(x509.BasicConstraints)
+    assert basic.critical and basic.value.ca
+    ku = ca.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert ku.key_cert_sign and ku.crl_sign and not ku.digital_signature
+    # umask 077 before anything is created: the folders are not listable by others.
+    assert (out.stat().st_mode & 0o077, (out / "sites").stat().st_mode & 0o077) == (0, 0)
     for site in ("hospital-a", "hospital-b"):
         key, pub = out / "sites" / f"{site}.key", out / "sites" / f"{site}.key.pub"
         assert key.is_file() and pub.read_text().startswith("ecdsa-sha2-nistp384 ")

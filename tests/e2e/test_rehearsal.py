@@ -2,26 +2,31 @@
 
 Each host is its own network namespace on a private bridge (tests/netlab.py), so a site
 reaches the coordinator only over the lab network, as through a hospital's outbound-only
-firewall. The material comes from deploy/make-certs.sh, the SuperLink runs with TLS and
-SuperNode authentication, the site keys are registered with ``flwr supernode register``.
-Two rounds of the tiny model run with client-level DP (Flower's DP wrapper, client-side
-clipping) and secure aggregation (Flower's SecAgg+); a site whose key was never registered is refused, and a
-site that trusts another CA cannot join. Without the right to make namespaces (not root,
-no iproute2) the test is skipped and says so: the loopback deployment test still runs.
+firewall. The material comes from deploy/make-certs.sh; the coordinator host runs
+``m2diff-server`` as a coordinator does (TLS, SuperNode auth with the three hospitals' keys
+registered from ``auth-keys=``, the SuperLink on loopback, the nginx front on the lab
+address), and the hospitals run ``flower-supernode`` against the front. Two rounds of the
+tiny model run with client-level DP (Flower's DP wrapper, client-side clipping) and secure
+aggregation (Flower's SecAgg+); a site whose key was never registered is refused, a site
+that trusts another CA cannot join, and from another host the Control API is not there
+(``flwr ls`` / ``flwr supernode register`` get 404 from the front). Without the right to
+make namespaces (not root, no iproute2) the test is skipped and says so: the loopback
+deployment test still runs.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from server.flwrctl import ANSI, Federation, flower_env, toml_pairs, tool, write_connection
+from server.flwrctl import ANSI, flower_env, toml_pairs, tool, write_connection
 from tests import netlab
+from tests.e2e.public_port import flwr_json, raw
 from tests.flower_procs import REPO, ProcessSet
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -32,18 +37,8 @@ PORT = 8000
 # the server adds the noise to the unmasked mean.
 OVERRIDES = ("model=tiny train.steps=2 train.batch_size=4 sample.steps=2 device=cpu "
              "fl.rounds=2 fl.min_sites=3 fl.sites=3 privacy=central_dp privacy.side=client "
-             "privacy.noise_multiplier=0.5 privacy.clipping_norm=5.0 fl.secagg.enabled=true")
-
-
-@dataclass
-class NsFederation(Federation):
-    """The coordinator's own ``flwr`` CLI, run on the coordinator host."""
-
-    prefix: list[str] = field(default_factory=list)
-
-    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*self.prefix, tool("flwr"), *args], env=self.env,
-                              capture_output=True, text=True, timeout=timeout)
+             "privacy.noise_multiplier=0.5 privacy.clipping_norm=5.0 fl.secagg.enabled=true "
+             "fl.round_timeout=300")
 
 
 def _make_certs(out: Path, san: str, *sites: str) -> None:
@@ -68,27 +63,24 @@ def test_three_hospitals_tls_auth_two_rounds(tmp_path, tiny_sites):
         hospitals = {name: lab.add(name) for name in ("hosp-a", "hosp-b", "hosp-c")}
         lab.add("rogue")
         lab.add("wrongca")
-        # The SuperLink certificate covers the address the sites dial and the loopback
-        # address the coordinator's own ServerApp and flwr CLI use on that host.
-        _make_certs(pki, f"IP:{coord},IP:127.0.0.1,DNS:localhost", *hospitals, "rogue")
+        # make-certs.sh adds IP:127.0.0.1 and DNS:localhost (the loopback SuperLink) itself.
+        _make_certs(pki, f"IP:{coord}", *hospitals, "rogue")
         _make_certs(other_pki, f"IP:{coord}", "wrongca")
-
-        home = procs.workdir / "flwr-home"
-        write_connection(home, "coord", f"127.0.0.1:{PORT}", root_certificates=pki / "ca.crt")
-        env = flower_env(home, {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
-        procs.start("superlink", [
-            *lab.exec_prefix("coord"), tool("flower-superlink"), "--host", "0.0.0.0",
-            "--port", str(PORT), "--ssl-ca-certfile", str(pki / "ca.crt"),
-            "--ssl-certfile", str(pki / "superlink.crt"), "--ssl-keyfile", str(pki / "superlink.key"),
-            "--enable-supernode-auth", "--disable-runtime-dependency-installation"], env)
-        ctl = NsFederation(home, "coord", env, prefix=lab.exec_prefix("coord"))
-        deadline = time.monotonic() + 60
-        while ctl.flwr("ls", "coord", "--format", "json", timeout=30).returncode != 0:
-            assert time.monotonic() < deadline, procs.log("superlink")[-2000:]
-            time.sleep(1)
+        registered = tmp_path / "registered"  # the coordinator registers these keys only
+        registered.mkdir()
         for name in hospitals:
-            reg = ctl.flwr("supernode", "register", str(pki / "sites" / f"{name}.key.pub"), "coord")
-            assert reg.returncode == 0, reg.stdout + reg.stderr
+            shutil.copy(pki / "sites" / f"{name}.key.pub", registered)
+
+        env = flower_env(procs.workdir / "flwr-home", {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+        server = procs.start("server", [
+            *lab.exec_prefix("coord"), tool("m2diff-server"), f"ca={pki / 'ca.crt'}",
+            f"cert={pki / 'superlink.crt'}", f"key={pki / 'superlink.key'}",
+            f"auth-keys={registered}", "host=0.0.0.0", f"port={PORT}", f"out={out}",
+            f"app={REPO}", *OVERRIDES.split()], env)
+        deadline = time.monotonic() + 180
+        while "submitted; waiting for" not in procs.log("server"):
+            assert server.poll() is None and time.monotonic() < deadline, procs.log("server")[-3000:]
+            time.sleep(1)
 
         def supernode(host: str, ca: Path, key: Path, site: Path | None = None) -> subprocess.Popen:
             node_config = {"data-path": str(site), "site-name": host} if site else {}
@@ -105,10 +97,20 @@ def test_three_hospitals_tls_auth_two_rounds(tmp_path, tiny_sites):
         wrongca = supernode("wrongca", other_pki / "ca.crt", other_pki / "sites" / "wrongca.key",
                             tiny_sites[1])
 
-        run_id = ctl.submit(REPO, {"out-dir": str(out), "overrides": OVERRIDES})
-        row = ctl.wait(run_id, timeout=420, stream=False)
-        assert row["status"] == "finished:completed", (row, procs.log("superlink")[-3000:])
+        # From another host, with the federation's ca.crt: the Control API is not there.
+        home = procs.workdir / "rogue-flwr-home"
+        write_connection(home, "coord", f"{coord}:{PORT}", root_certificates=pki / "ca.crt")
+        prefix = lab.exec_prefix("rogue")
+        outsider = {"flwr ls": flwr_json(prefix, flower_env(home), "ls", "coord"),
+                    "flwr supernode register": flwr_json(prefix, flower_env(home), "supernode",
+                                                     "register", str(pki / "sites" / "rogue.key.pub"),
+                                                     "coord")}
+        for label, got in outsider.items():
+            assert got["success"] is False and "404" in str(got["error-message"]), (label, got)
+        assert raw(coord, PORT, pki / "ca.crt", "POST", "/v1/runtime/get-nodes", b"x",
+                   prefix=prefix) == 404
 
+        assert server.wait(timeout=600) == 0, procs.log("server")[-4000:]
         rows = json.loads((out / "rounds.json").read_text())
         assert {r["round"] for r in rows} == {1, 2}
         assert {r["site"] for r in rows} == set(hospitals), "exactly the registered sites trained"
@@ -116,6 +118,9 @@ def test_three_hospitals_tls_auth_two_rounds(tmp_path, tiny_sites):
         assert 0 < eps[1] < eps[2], eps  # client-level epsilon accumulates over rounds
         assert all(r["secagg"] == 1 for r in rows)  # both rounds aggregated under SecAgg+
         assert all(r.get("train_steps") == 2 for r in rows), rows  # every site really trained
+        state = json.loads((out / "server.json").read_text())
+        assert state["status"] == "finished:completed" and state["front"] == f"0.0.0.0:{PORT}"
+        assert len(state["app_sha256"]) == 64
 
         # Unregistered key: the SuperLink refuses to activate the node, which gives up with
         # Flower's exit code 305 (printed; the process itself exits 1). TLS was fine there.
@@ -123,7 +128,7 @@ def test_three_hospitals_tls_auth_two_rounds(tmp_path, tiny_sites):
         log = procs.log("rogue")
         assert "Exit Code: 305" in log and "Failed to activate SuperNode" in log, log[-2000:]
         assert "CERTIFICATE_VERIFY_FAILED" not in log
-        # Another CA: the TLS handshake fails before any authentication.
+        # Another CA: the TLS handshake (with the front) fails before any authentication.
         assert (_exited(wrongca, timeout=60) or 0) != 0, procs.log("wrongca")[-2000:]
         log = procs.log("wrongca")
         assert "Exit Code: 305" in log and "CERTIFICATE_VERIFY_FAILED" in log, log[-2000:]

@@ -123,13 +123,25 @@ def test_unequal_weights_lower_the_counted_noise():
     assert effective_noise_multiplier(1.0, 4, [10, 10, 20]) == pytest.approx(40 / 80)
 
 
-def test_ledger_roundtrip_drops_rounds_after_resume_point(tmp_path):
+def test_ledger_keeps_released_rounds_and_is_required_to_resume(tmp_path):
+    from server.privacy import LedgerMissing
+
     led = ClientLevelAccountant(1e-5)
     for r in (1, 2, 3):
         led.step(r, 1.0, 1.0)
     led.save(tmp_path / "l.json")
+    assert not list(tmp_path.glob(".l.json.tmp*"))  # atomic writer: no temp file left
+    # The checkpoint is at round 2, but round 3's noised model was released before the crash:
+    # it stays counted (and the rerun of round 3 counts again).
     back = ClientLevelAccountant.load(tmp_path / "l.json", 1e-5, keep_until=2)
-    assert len(back.history) == 2 and back.epsilon() < led.epsilon()
+    assert len(back.history) == 3 and back.epsilon() == pytest.approx(led.epsilon())
+    back.step(3, 1.0, 1.0)
+    back.save()  # to the file it was loaded from
+    assert len(ClientLevelAccountant.load(tmp_path / "l.json", 1e-5, 3).history) == 4
+    # A fresh run needs no ledger; a resumed one does.
+    assert ClientLevelAccountant.load(tmp_path / "none.json", 1e-5, keep_until=0).epsilon() == 0
+    with pytest.raises(LedgerMissing, match="none.json is missing but the checkpoint is at round 2"):
+        ClientLevelAccountant.load(tmp_path / "none.json", 1e-5, keep_until=2)
 
 
 def test_client_side_sends_norm_and_the_mod_clips():

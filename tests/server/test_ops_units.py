@@ -53,10 +53,10 @@ def test_keys_database_and_underscore_spelling(tmp_path):
     out = tmp_path / "out"
     assert database_path({}, out) == out / "superlink-state.db"
     assert database_path({"database": "memory"}, out) is None
-    cmd = superlink_command({"insecure": "true"}, 9000, database_path({}, out))
+    cmd = superlink_command({"insecure": "true", "auth": "false"}, 9000, database_path({}, out))
     assert cmd[cmd.index("--database") + 1] == str(out / "superlink-state.db")
-    assert "--database" not in superlink_command({"insecure": "true"}, 9000, None)
-    assert server_main([f"out={tmp_path}/o", "insecure=true", "log-max-mb=0"]) == 2
+    assert "--database" not in superlink_command({"insecure": "true", "auth": "false"}, 9000, None)
+    assert server_main([f"out={tmp_path}/o", "insecure=true", "auth=false", "log-max-mb=0"]) == 2
 
 
 ROWS = [
@@ -217,3 +217,56 @@ def test_status_names_nodes_from_the_sites_own_replies(tmp_path):
     nodes = [{"node-id": 101, "status": "online"}, {"node-id": 303, "status": "offline"}]
     rows = _node_rows(nodes, {"303": "hospital-c", **_reported_sites(tmp_path)})
     assert [(r["node id"], r["site"]) for r in rows] == [("101", "hospital-a"), ("303", "hospital-c")]
+
+
+def test_final_table_prints_a_markup_site_name_as_it_is(tmp_path, capsys):
+    """'[/bold]' as a site name once ended m2diff-server's final table (rich parsed it as a
+    closing tag); names are plain text now (and the ServerApp refuses such names)."""
+    from m2diff.report import write_json
+    from server.cli import print_table
+
+    rows = [dict(ROWS[0], site="[/bold]", ld_psnr=19.0), dict(ROWS[1], site="[red]x[/red]")]
+    write_json(tmp_path / "rounds.json", rows)
+    print_table(tmp_path)
+    out = capsys.readouterr().out
+    assert "[/bold]" in out and "[red]x[/red]" in out
+
+
+def test_only_a_vanished_serverapp_is_resubmitted():
+    from server.cli import lost_serverapp
+
+    assert lost_serverapp({"status": "finished:failed",
+                           "status-details": "No heartbeat received from the task"})
+    assert not lost_serverapp({"status": "finished:failed", "status-details":
+                               "ServerApp failed with exception: no site trained in any of rounds 1..2"})
+    assert not lost_serverapp({"status": "finished:completed", "status-details": ""})
+    # Its own SuperLink failed a runtime call (SQLite "database is locked" under load)
+    assert lost_serverapp({"status": "finished:failed", "status-details":
+                           "ServerApp failed with exception: Server error '500 Internal Server "
+                           "Error' for url 'https://127.0.0.1:55349/v1/runtime/pull-messages'\n"
+                           "For more information check: https://developer.mozilla.org/"})
+    assert not lost_serverapp({"status": "finished:failed", "status-details":
+                               "ServerApp failed with exception: Server error '500 x' for url "
+                               "'https://evil/v1/other'"})
+
+
+def test_an_exited_superexec_is_seen(tmp_path):
+    """Flower 1.42's SuperLink never restarts its flower-superexec; m2diff-server restarts the
+    SuperLink when that child has exited (a zombie of the SuperLink)."""
+    import os
+    import shutil
+    import subprocess
+    import time
+
+    from server.flwrctl import exited_children
+
+    fake = tmp_path / "flower-superexec"
+    shutil.copy("/bin/true", fake)
+    child = subprocess.Popen([str(fake)])
+    deadline = time.monotonic() + 10
+    while not exited_children(os.getpid(), "flower-superexe") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert exited_children(os.getpid(), "flower-superexe") == [child.pid]
+    assert exited_children(os.getpid(), "flower-superlink") == []
+    child.wait()
+    assert exited_children(os.getpid(), "flower-superexe") == []

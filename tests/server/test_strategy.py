@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from flwr.app import (
@@ -112,15 +114,85 @@ def test_evaluate_keeps_per_site_metrics_and_handles_zero_weight():
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_every_strategy_rejects_nan(name):
-    strategy = build_strategy(_fl(name, min_sites=1), SPEC)
+    fl = _fl(name, min_sites=4)
+    fl.trim_beta = 0.25  # trims 1 of 4
+    strategy = build_strategy(fl, SPEC)
     if name == "fedadam":  # FedOpt needs the current global arrays from configure_train
         strategy.current_arrays = {k: np.zeros(s, np.float32) for k, s in SPEC.items()}
-    replies = [_reply(1, "a", 1.0), _reply(2, "b", 2.0), _reply(3, "c", 3.0),
+    replies = [_reply(1, "a", 1.0), _reply(2, "b", 2.0), _reply(3, "c", 3.0), _reply(5, "e", 2.5),
                _reply(4, "d", np.nan)]
     arrays, _ = strategy.aggregate_train(1, replies)
     assert arrays is not None
     assert all(np.all(np.isfinite(a.numpy())) for a in arrays.values())
     assert "d" in strategy.rejected[1]
+
+
+@pytest.mark.parametrize("name,min_sites,beta,setting", [
+    ("fedtrimmedavg", 4, 0.2, "fl.trim_beta=0.2 trims int(0.2 x 4) = 0"),
+    ("fedtrimmedavg", 3, 0.3, "Raise fl.min_sites to >= 4"),
+    ("fedtrimmedavg", 10, 0.5, "fl.trim_beta=0.5: must be in"),
+    ("fedmedian", 2, 0.2, "fl.strategy=fedmedian with fl.min_sites=2"),
+])
+def test_robust_strategy_that_would_trim_nothing_is_a_config_error(name, min_sites, beta, setting):
+    fl = _fl(name, min_sites=min_sites)
+    fl.trim_beta = beta
+    with pytest.raises(ValueError, match=re.escape(setting)):
+        build_strategy(fl, SPEC)
+
+
+def test_trimmed_mean_keeps_the_model_when_too_few_updates_arrive():
+    fl = _fl("fedtrimmedavg", min_sites=5)  # beta 0.2 trims 1 of 5
+    strategy = build_strategy(fl, SPEC)
+    four = [_reply(n, f"s{n}", float(n)) for n in range(1, 5)]  # a site dropped out: 0 trimmed
+    assert strategy.aggregate_train(1, four) == (None, None)
+    assert "fewer than the 5" in strategy.not_aggregated[1]
+    arrays, _ = strategy.aggregate_train(2, [*four, _reply(9, "s9", 100.0)])
+    assert np.allclose(arrays["w"].numpy(), 3.0)  # 1 and 100 trimmed: mean of 2, 3, 4
+
+
+def test_aggregation_that_raises_keeps_the_model_and_the_run():
+    strategy = build_strategy(_fl(), SPEC)
+    replies = [_reply(1, "a", 1.0), _reply(2, "b", 2.0)]
+    # A list metric of different lengths passes the per-reply checks but breaks
+    # Flower's metric averaging inside FedAvg.aggregate_train.
+    replies[0].content["metrics"] = MetricRecord({"num-examples": 10, "train_loss": [1.0, 2.0]})
+    replies[1].content["metrics"] = MetricRecord({"num-examples": 10, "train_loss": [1.0]})
+    assert strategy.aggregate_train(1, replies) == (None, None)
+    assert "aggregation failed" in strategy.not_aggregated[1]
+
+
+def test_weights_must_be_positive_integers_under_the_cap():
+    fl = _fl()
+    fl.update_check = {"max_num_examples": 100}
+    strategy = build_strategy(fl, SPEC)
+    replies = [_reply(1, "ok", 1.0, n=100), _reply(2, "float", 5.0, metrics={"num-examples": 10.0}),
+               _reply(3, "big", 5.0, n=101), _reply(4, "zero", 5.0, n=0),
+               _reply(5, "list", 5.0, metrics={"num-examples": [10]})]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert np.allclose(arrays["w"].numpy(), 1.0)
+    assert set(strategy.rejected[1]) == {"float", "big", "zero", "list"}
+    assert "outside 1..100" in strategy.rejected[1]["big"]
+    # Evaluation: 0 test subjects is a valid answer, a negative count is not.
+    zero = _reply(6, "no-test", metrics={"num-examples": 0, "cn_psnr": 1.0})
+    neg = _reply(7, "neg", metrics={"num-examples": -3, "cn_psnr": 1.0})
+    strategy.aggregate_evaluate(1, [zero, neg])
+    assert set(strategy.rejected_evaluate[1]) == {"neg"} and "no-test" in strategy.evaluate_metrics[1]
+
+
+def test_registered_names_cannot_be_claimed_by_another_node():
+    from server.strategy import format_registered, parse_registered
+
+    strategy = build_strategy(_fl(), SPEC)
+    strategy.registered = parse_registered(format_registered({"1": "site-a", "2": "site-b"}))
+    replies = [_reply(1, "site-a", 1.0), _reply(2, "site-a", 5.0), _reply(3, "site-b", 5.0),
+               _reply(4, "x[/bold]", 5.0), _reply(5, "newcomer", 3.0)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert np.allclose(arrays["w"].numpy(), 2.0)  # site-a (1.0) and the unregistered newcomer (3.0)
+    assert set(strategy.rejected[1]) == {"site-b", "node-3", "node-4"}
+    assert "registered as 'site-b'" in strategy.rejected[1]["site-b"]
+    assert strategy.site_name(2) == "site-b" and strategy.site_name(5) == "newcomer"
+    with pytest.raises(ValueError, match="NODE_ID=SITE_NAME"):
+        parse_registered("12=a/b")
 
 
 def test_unknown_strategy_is_a_clear_error():
