@@ -3,7 +3,9 @@
 ```
 {"format": "m2diff-checkpoint/1",
  "model": state_dict,         # EMA weights when an EMA is given; bare names, no wrapper prefixes
- "model_cfg": {...},          # plain container of cfg.model: enough to rebuild the model
+ "model_cfg": {...},          # plain container of cfg.model: enough to rebuild the model;
+                              # a diffusion model's formulation (prediction, target,
+                              # residual_scale, sample_start) is stored resolved, explicitly
  "cfg": {...},                # the rest of the run's config (data.norm_percentile, sample, ...),
                               # without data.path / data.cache_dir (no site paths leave a site)
  "extra": {...}}              # e.g. step, optimizer state, raw weights for resuming, round
@@ -11,6 +13,10 @@
 Saving is atomic (temp file in the same folder, flush + fsync, ``os.replace``), so a kill at
 any moment leaves the previous checkpoint intact. Loading is ``weights_only`` and every failure
 is a ``CheckpointError`` that names the file.
+
+Checkpoints from before formulations existed have no ``formulation`` / ``prediction`` keys:
+they load as what they were trained with, noise prediction of their ``target``
+(m2diff.model.diffusion.formulation).
 """
 
 from __future__ import annotations
@@ -53,6 +59,20 @@ def _model_cfg(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     return dict(section)
 
 
+def _is_diffusion(model_cfg: Mapping[str, Any]) -> bool:
+    return model_cfg.get("arch") in ("m2diff", "ddpm_concat")
+
+
+def _stored_model_cfg(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """cfg.model as saved: a diffusion model's formulation written out explicitly."""
+    from m2diff.model.diffusion import resolved_formulation
+
+    model_cfg = _model_cfg(cfg)
+    if _is_diffusion(model_cfg):
+        model_cfg.update(resolved_formulation(model_cfg))
+    return model_cfg
+
+
 def _run_cfg(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     """The whole config as a plain dict, site paths removed; {} for a bare model section."""
     if "arch" in cfg:
@@ -75,7 +95,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, cfg: DictConfig |
         weights = unwrap_model(model).state_dict()
     else:
         weights = unwrap_model(ema).state_dict() if isinstance(ema, nn.Module) else ema
-    payload = {"format": FORMAT, "model": clean_state_dict(weights), "model_cfg": _model_cfg(cfg),
+    payload = {"format": FORMAT, "model": clean_state_dict(weights), "model_cfg": _stored_model_cfg(cfg),
                "cfg": _run_cfg(cfg), "extra": extra}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -146,7 +166,25 @@ def load_checkpoint(path: str | os.PathLike,
             raise CheckpointError(f"{path}: holds a model.arch={stored} model, "
                                   f"this run uses model.arch={wanted.get('arch')}")
         check_compatible(ckpt["model"], _build(wanted, path), str(path))
+        if _is_diffusion(wanted):
+            _check_formulation(ckpt["model_cfg"], wanted, path)
     return ckpt
+
+
+def _check_formulation(stored: Mapping[str, Any], wanted: Mapping[str, Any], path: Path) -> None:
+    """A run may not continue training a diffusion model with another formulation."""
+    from m2diff.model.diffusion import formulation
+
+    try:
+        have, want = formulation(stored), formulation(wanted)
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    for key in ("prediction", "target", "residual_scale"):
+        if getattr(have, key) != getattr(want, key):
+            raise CheckpointError(
+                f"{path}: trained with model.{key}={getattr(have, key)}, this run uses "
+                f"model.{key}={getattr(want, key)} (formulation {want.name}); use another out= "
+                f"or set model.{key}={getattr(have, key)}")
 
 
 def _build(model_cfg: Mapping[str, Any], path: Path) -> nn.Module:

@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig
 
 from m2diff.data.layout import Site, Subject
-from m2diff.enhance import enhance_volume, load_for_inference, one_line, run_device
+from m2diff.enhance import enhance_volume, load_for_inference, one_line, run_device, voxel_size
 from m2diff.metrics import PROTOCOL, volume_metrics
 from m2diff.regions import ad_mask
 
@@ -70,7 +70,8 @@ def evaluate_subjects(model: torch.nn.Module | None, cfg: DictConfig, site: Site
         pred = None
         if model is not None:
             start = time.perf_counter()
-            pred, _ = enhance_volume(model, cfg, ld.data, t1, device, seed=int(cfg.seed))
+            pred, _ = enhance_volume(model, cfg, ld.data, t1, device, seed=int(cfg.seed),
+                                     voxel_mm=voxel_size(ld.affine))
             seconds = time.perf_counter() - start
             rows.append({**base, "method": method, **volume_metrics(pred, sd, mask, ld.affine),
                          "seconds": seconds})

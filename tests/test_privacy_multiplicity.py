@@ -80,8 +80,11 @@ def test_functional_per_sample_gradients_equal_opacus_hooks(arch):
 
 
 @pytest.mark.parametrize("arch", ["tiny", "ddpm_concat"])
-def test_k_draws_gradient_is_the_mean_of_single_draw_gradients(arch):
-    cfg = cfg_for(arch)
+@pytest.mark.parametrize("form", ["enhance", "paper"])
+def test_k_draws_gradient_is_the_mean_of_single_draw_gradients(arch, form):
+    """By hand, per formulation: enhance diffuses x_0 = 4 (SD - LD) and the heads predict
+    x_0; the paper's diffuses SD and the heads predict the noise."""
+    cfg = cfg_for(arch, f"model.formulation={form}")
     k = 4
     torch.manual_seed(0)
     model = randomize_zero_params(build_model(cfg.model))
@@ -94,18 +97,20 @@ def test_k_draws_gradient_is_the_mean_of_single_draw_gradients(arch):
 
     params = dict(model.named_parameters())
     w = [float(v) for v in cfg.model.loss_weights]
+    x0 = data["sd"] if form == "paper" else 4 * (data["sd"] - data["ld"])
     for i in range(3):  # by hand: one slice, one draw at a time, plain autograd
         want = {n: torch.zeros_like(p) for n, p in params.items()}
         for j in range(k):
             t, noise = draws.t[i, j:j + 1], draws.noise[i, j:j + 1]
-            x_t = scheduler.add_noise(data["sd"][i:i + 1], noise, t)
+            x_t = scheduler.add_noise(x0[i:i + 1], noise, t)
+            y = noise if form == "paper" else x0[i:i + 1]
             args = (x_t, t, data["ld"][i:i + 1], data["t1"][i:i + 1])
             if arch == "tiny":
                 pet, mri = model.forward_heads(*args, mri_keep=draws.keep[i:i + 1])
-                loss = (w[0] * F.mse_loss(pet, noise) + w[1] * F.mse_loss(mri, noise)
+                loss = (w[0] * F.mse_loss(pet, y) + w[1] * F.mse_loss(mri, y)
                         + w[2] * F.mse_loss(pet, mri))
             else:
-                loss = F.mse_loss(model(*args, mri_keep=draws.keep[i:i + 1]), noise)
+                loss = F.mse_loss(model(*args, mri_keep=draws.keep[i:i + 1]), y)
             for name, g in zip(params, torch.autograd.grad(
                     loss, list(params.values()), allow_unused=True), strict=True):
                 if g is not None:
