@@ -18,13 +18,16 @@ prints
   SSIM in every site x cohort, above unet pooled, AD |SUVR bias| <= 2 % and no worse than LD).
 
 The tables are also written as markdown (``<out>/quality.md``, for the README) with the
-per-subject CSV/JSON.
+per-subject CSV/JSON, and every trained model as ``<out>/<method>.pt`` (EMA weights; e.g.
+``benchmarks/sampling.py checkpoint=runs/benchmark-quality/m2diff.pt``).
 
-Methods (``methods=a,b,...``; default ``unet,m2diff,m2diff_paper,ddpm_concat,m2diff_mri_free``):
-``unet`` (regression), ``m2diff`` (model=tiny, the default formulation and sampler),
-``m2diff_paper`` (the paper's formulation: noise prediction of SD, sampled from pure noise,
-DDIM 25 steps), ``ddpm_concat`` (single pathway, default formulation), ``m2diff_mri_free``
-(the m2diff weights sampled without MRI: no extra training), and for measurements
+Methods (``methods=a,b,...``; default ``unet,m2diff,m2diff_no_lowpass,m2diff_paper,
+ddpm_concat,m2diff_mri_free``): ``unet`` (regression), ``m2diff`` (model=tiny, the default
+formulation and sampler), ``m2diff_no_lowpass`` (the m2diff weights without the LD low-pass,
+``sample.ld_lowpass_fwhm_mm=0``), ``m2diff_paper`` (the paper's formulation: noise prediction
+of SD, sampled from pure noise, DDIM 25 steps, no low-pass), ``ddpm_concat`` (single pathway,
+default formulation and sampler), ``m2diff_mri_free`` (the m2diff weights sampled without
+MRI: no extra training), and for measurements
 ``m2diff_v`` (v prediction), ``m2diff_x0_sd`` (x0 prediction of SD), ``m2diff_noise_cond``
 (+ the LD noise level embedded), ``ddpm_concat_paper``.
 
@@ -64,7 +67,7 @@ DEFAULTS = [
     "train.steps=300", "train.batch_size=16", "out=runs/benchmark-quality",
 ]
 TEST_PER_GROUP = 4  # held-out subjects per site and cohort
-DEFAULT_METHODS = "unet,m2diff,m2diff_paper,ddpm_concat,m2diff_mri_free"
+DEFAULT_METHODS = "unet,m2diff,m2diff_no_lowpass,m2diff_paper,ddpm_concat,m2diff_mri_free"
 
 
 @dataclass(frozen=True)
@@ -78,13 +81,15 @@ class Method:
     reuse: str | None = None
 
 
-PAPER_SAMPLING = ["sample.steps=25"]  # the paper samples with DDPM 1000; DDIM 25 here
+# The paper samples with DDPM 1000 (DDIM 25 here) and has no LD low-pass.
+PAPER_SAMPLING = ["sample.steps=25", "sample.ld_lowpass_fwhm_mm=0"]
 METHODS: dict[str, Method] = {
     "unet": Method("unet"),
     "m2diff": Method("tiny"),
     "m2diff_paper": Method("tiny", ["model.formulation=paper"], PAPER_SAMPLING),
     "ddpm_concat": Method("ddpm_concat"),
     "m2diff_mri_free": Method("tiny", sample=["sample.mri=false"], reuse="m2diff"),
+    "m2diff_no_lowpass": Method("tiny", sample=["sample.ld_lowpass_fwhm_mm=0"], reuse="m2diff"),
     "m2diff_v": Method("tiny", ["model.prediction=v"]),
     "m2diff_x0_sd": Method("tiny", ["model.target=sd"]),
     "m2diff_noise_cond": Method("tiny", ["model.noise_cond=true"]),
@@ -278,6 +283,7 @@ def goals(summary: list[dict], method: str = GOAL_METHOD, baseline: str = BASELI
 
 
 def main(argv: list[str]) -> int:
+    from m2diff.checkpoint import save_checkpoint
     from m2diff.enhance import run_device
     from m2diff.evaluate import LD_METHOD, evaluate_subjects, summarise
     from m2diff.metrics import PROTOCOL
@@ -317,6 +323,7 @@ def main(argv: list[str]) -> int:
         else:
             model, mcfg, timings[method] = train_method(method, overrides, all_sites, device)
             trained[method] = (model, mcfg)
+            save_checkpoint(out / f"{method}.pt", model, mcfg, steps=int(mcfg.train.steps))
         start = time.perf_counter()
         for site in all_sites:
             rows += [r for r in evaluate_subjects(model, mcfg, site, held_out[site.name], device,

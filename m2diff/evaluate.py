@@ -2,8 +2,9 @@
 
 ``m2diff evaluate data=SITE_DIR [checkpoint=...] [split=test]`` writes, under ``cfg.out``:
 metrics_subjects.csv (one row per subject and method, the LD input first), metrics_summary.csv
-(mean and std per method x cohort x site and pooled), metrics.json (protocol, rows, summary)
-and panel_<cohort>.png (T1 / LD / enhanced / SD / |error| for up to 3 subjects).
+(mean and std per method x cohort x site and pooled), metrics.json (protocol, rows, summary),
+panel_<cohort>.png (T1 / LD / enhanced / SD / |error| for up to 3 subjects) and panel.png
+(the same for the first CN and the first AD subject).
 """
 
 from __future__ import annotations
@@ -213,12 +214,17 @@ def run_evaluate(cfg: DictConfig, args: dict[str, str]) -> int:
                                       "checkpoint": args.get("checkpoint"),
                                       "subjects": rows, "summary": summary})
     method = None if model is None else str(cfg.model.arch)
+    for c in keep.values():
+        c["label"] = f"{c['site']}\n{c['label']}"
     for cohort in COHORTS:
         cases = [c for c in keep.values() if c["diagnosis"] == cohort][:PANEL_ROWS]
         if cases:
-            for c in cases:
-                c["label"] = f"{c['site']}\n{c['label']}"
             plot_panel(cases, out / f"panel_{cohort.lower()}.png",
                        title=f"{cohort}: {method or 'LD input only'}, axial slice through the AD regions")
+    first = [c for c in (next((c for c in keep.values() if c["diagnosis"] == d), None)
+                         for d in COHORTS) if c is not None]
+    plot_panel(first, out / "panel.png",
+               title=f"{method or 'LD input only'}: one CN and one AD subject, axial slice through "
+                     "the AD regions")
     print(f"wrote {out}/metrics_subjects.csv, metrics_summary.csv, metrics.json, panel_*.png")
     return 0

@@ -3,8 +3,11 @@
 Everything lives in model space (docs/CONTRACTS.md). A *formulation* (``Formulation``, from
 ``model.formulation`` and the keys that override it) says
 
-- what is diffused, ``target``: ``sd`` (the SD slice itself, the paper's) or ``residual``
-  (``residual_scale * (SD - LD)``: what LD lacks; the prediction is LD + x_0 / scale);
+- what is diffused, ``target``: ``sd`` (the SD slice itself, the paper's), ``residual``
+  (``residual_scale * (SD - LD)``: what LD lacks; the prediction is LD + x_0 / scale) or
+  ``residual_norm`` (``(SD - LD) / s`` with s the LD slice's own noise level,
+  ``ld_noise_scale``: the residual in units of the LD's noise, so slices of every dose
+  have targets of about the same size; the prediction is LD + s x_0);
 - what the network predicts, ``prediction``: ``epsilon`` (the noise, the paper's), ``x0``
   (the clean sample) or ``v`` (Salimans & Ho's velocity); passed to MONAI's schedulers as
   their ``prediction_type`` (epsilon | sample | v_prediction);
@@ -37,7 +40,7 @@ from m2diff.model import unwrap_model
 DEFAULT_CLIP = (-1.0, 3.0)  # model space: -1 is zero activity; SD may exceed the LD p99.5 scale
 # Our names -> MONAI's prediction_type.
 PREDICTIONS = {"epsilon": "epsilon", "x0": "sample", "v": "v_prediction"}
-TARGETS = ("sd", "residual")
+TARGETS = ("sd", "residual", "residual_norm")
 STARTS = ("noise", "ld")
 HEAD_TERMS = ("mse_pet", "mse_mri", "consistency")
 
@@ -59,9 +62,11 @@ class Formulation:
 
 # The named formulations. "paper" is arXiv 2603.09075's: noise prediction of the SD image,
 # sampled from pure noise. "enhance" is the product's default, chosen by measurement
-# (README "The model"): the clean residual SD - LD is predicted, and sampling starts from LD.
+# (README "The model"): the clean residual SD - LD in units of the LD slice's noise level is
+# predicted (a zero residual is LD itself, so an untrained model returns its input);
+# starting from a noised zero residual at t0 < T (start=ld) measured no better than from T.
 FORMULATIONS: dict[str, Formulation] = {
-    "enhance": Formulation("enhance", "x0", "residual", 4.0, "ld"),
+    "enhance": Formulation("enhance", "x0", "residual_norm", 4.0, "noise"),
     "paper": Formulation("paper", "epsilon", "sd", 1.0, "noise"),
 }
 
@@ -94,7 +99,7 @@ def formulation(model_cfg: Any) -> Formulation:
         raise ConfigError(f"model.prediction={prediction!r}: expected one of {', '.join(PREDICTIONS)}")
     target = str(_get(model_cfg, "target", base.target)).lower()
     if target not in TARGETS:
-        raise ConfigError(f"model.target={target!r}: expected sd or residual")
+        raise ConfigError(f"model.target={target!r}: expected one of {', '.join(TARGETS)}")
     scale = float(_get(model_cfg, "residual_scale", base.residual_scale))
     if not scale > 0:
         raise ConfigError(f"model.residual_scale={scale}: must be > 0")
@@ -281,16 +286,35 @@ def diffusion_target(model_cfg: Any) -> tuple[str, float]:
     return f.target, f.residual_scale
 
 
+NOISE_FLOOR = 0.01  # smallest LD noise level residual_norm divides by (model space)
+
+
+def ld_noise_scale(ld: Tensor) -> Tensor:
+    """(B, 1, 1, 1) noise level of LD slices (B, 1, H, W), at least ``NOISE_FLOOR``:
+    exp(``m2diff.model.m2diff.ld_noise_level``)."""
+    from m2diff.model.m2diff import ld_noise_level
+
+    return ld_noise_level(ld).exp().clamp_min(NOISE_FLOOR).view(-1, 1, 1, 1)
+
+
 def to_x0(sd: Tensor, ld: Tensor, model_cfg: Any) -> Tensor:
     """The diffused sample x_0 for SD slices (B, 1, H, W) in model space."""
     target, scale = diffusion_target(model_cfg)
-    return sd if target == "sd" else scale * (sd - ld)
+    if target == "sd":
+        return sd
+    if target == "residual_norm":
+        return (sd - ld) / ld_noise_scale(ld)
+    return scale * (sd - ld)
 
 
 def from_x0(x0: Tensor, ld: Tensor, model_cfg: Any) -> Tensor:
     """SD slices in model space from a sampled x_0; inverse of ``to_x0``."""
     target, scale = diffusion_target(model_cfg)
-    return x0 if target == "sd" else ld + x0 / scale
+    if target == "sd":
+        return x0
+    if target == "residual_norm":
+        return ld + x0 * ld_noise_scale(ld)
+    return ld + x0 / scale
 
 
 def _device_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
@@ -359,8 +383,8 @@ def predict_sd(model: nn.Module, ld: Tensor, t1: Tensor | None, model_cfg: Any, 
         start = form.start if start == "auto" else start
         if start not in STARTS:
             raise ConfigError(f"sample.start={start!r}: expected auto, noise or ld")
-        scale = form.residual_scale
         # x_0 estimates are clipped where SD = LD + x_0 / scale can still land inside [lo, hi].
+        scale = {"sd": 1.0, "residual": form.residual_scale, "residual_norm": 1 / NOISE_FLOOR}[form.target]
         x_lo, x_hi = (lo, hi) if form.target == "sd" else (scale * (lo - hi), scale * (hi - lo))
         kw = dict(**_schedule_kwargs(model_cfg), clip_sample=True, clip_sample_min=x_lo,
                   clip_sample_max=x_hi, prediction_type=form.monai_prediction)

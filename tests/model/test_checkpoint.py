@@ -121,12 +121,12 @@ def test_checkpoint_records_its_formulation_and_resume_keeps_it(saved):
     path, _, cfg = saved
     stored = load_checkpoint(path)["model_cfg"]
     assert (stored["formulation"], stored["prediction"], stored["target"],
-            stored["residual_scale"], stored["sample_start"]) == ("enhance", "x0", "residual", 4.0, "ld")
+            stored["residual_scale"], stored["sample_start"]) == ("enhance", "x0", "residual_norm", 4.0, "noise")
     load_checkpoint(path, cfg)  # same formulation: fine
     with pytest.raises(CheckpointError, match="trained with model.prediction=x0, this run uses "
                                               "model.prediction=epsilon"):
         load_checkpoint(path, cfg_for("tiny", "model.formulation=paper"))
-    with pytest.raises(CheckpointError, match="model.target=residual"):
+    with pytest.raises(CheckpointError, match="model.target=residual_norm"):
         load_checkpoint(path, cfg_for("tiny", "model.target=sd"))
 
 

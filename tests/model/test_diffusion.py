@@ -3,6 +3,8 @@ training loss and the DDPM / DDIM samplers."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -57,10 +59,11 @@ def test_formulations_and_overrides():
     base = OmegaConf.to_container(cfg_for("tiny").model)
     default = formulation(base)
     assert (default.name, default.prediction, default.target, default.start) == \
-        ("enhance", "x0", "residual", "ld")
+        ("enhance", "x0", "residual_norm", "noise")
     assert make_scheduler(base).prediction_type == "sample"
     v = formulation({**base, "prediction": "v", "target": "sd"})
-    assert (v.prediction, v.target, v.start) == ("v", "sd", "ld")
+    assert (v.prediction, v.target, v.start) == ("v", "sd", "noise")
+    assert formulation({**base, "sample_start": "ld"}).start == "ld"
     assert make_scheduler({**base, "prediction": "v"}).prediction_type == "v_prediction"
     # A model config from before formulations existed (old checkpoints): noise prediction.
     old = {k: v for k, v in base.items()
@@ -95,7 +98,7 @@ def test_loss_target_of_each_prediction_by_hand(prediction, target):
 
 @pytest.mark.parametrize("prediction", ["epsilon", "x0", "v"])
 def test_ddpm_concat_loss_target_by_hand(prediction):
-    cfg = cfg_for("ddpm_concat", f"model.prediction={prediction}")
+    cfg = cfg_for("ddpm_concat", f"model.prediction={prediction}", "model.target=residual")
     torch.manual_seed(0)
     model = randomize_zero_params(build_model(cfg.model)).train()
     b = batch(3)
@@ -106,7 +109,7 @@ def test_ddpm_concat_loss_target_by_hand(prediction):
     eps = torch.randn(b["sd"].shape, generator=g)
     t = torch.randint(0, 1000, (3,), generator=g)
     ab = _linear_alphas_cumprod(cfg.model)[t].view(-1, 1, 1, 1)
-    x0 = formulation(cfg.model).residual_scale * (b["sd"] - b["ld"])  # the default target
+    x0 = formulation(cfg.model).residual_scale * (b["sd"] - b["ld"])
     x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
     y = {"epsilon": eps, "x0": x0, "v": ab.sqrt() * eps - (1 - ab).sqrt() * x0}[prediction]
     with torch.no_grad():
@@ -303,6 +306,41 @@ def test_residual_target_diffuses_scaled_sd_minus_ld():
     assert torch.allclose(from_x0(x0, b["ld"], cfg.model), b["sd"], atol=1e-6)
     paper = cfg_for("tiny", "model.formulation=paper").model
     assert torch.equal(to_x0(b["sd"], b["ld"], paper), b["sd"])
+
+
+def test_ld_noise_level_by_hand():
+    """Mean |a - b - c + d| / 2 over the 2 x 2 blocks that are all brain (> -0.8), logged."""
+    from m2diff.model.m2diff import ld_noise_level
+
+    block = torch.tensor([[0.6, 0.5], [0.5, 0.6]])  # detail |0.6 - 0.5 - 0.5 + 0.6| / 2 = 0.1
+    img = block.repeat(3, 3)
+    img[:2, :2] = -1.0  # one background block: left out
+    img[2:4, 2:4] = torch.tensor([[0.9, 0.5], [0.5, 0.9]])  # detail 0.4
+    level = ld_noise_level(img[None, None])
+    assert level.shape == (1,)
+    assert float(level[0]) == pytest.approx(math.log((7 * 0.1 + 0.4) / 8 + 1e-3), rel=1e-5)
+    flat = torch.full((2, 1, 4, 4), 0.5)
+    assert torch.allclose(ld_noise_level(flat), torch.full((2,), math.log(1e-3)))
+
+
+def test_noise_normalised_residual_target():
+    """target=residual_norm (the default): x_0 = (SD - LD) / s with s the LD slice's noise
+    level (at least 0.01), so a slice's target does not scale with its dose; back: LD + s x_0."""
+    from m2diff.model.diffusion import from_x0, to_x0
+    from m2diff.model.m2diff import ld_noise_level
+
+    cfg = cfg_for("tiny")
+    b = batch(4)
+    b["ld"][2] = 0.3  # a flat slice: noise level 1e-3, floored at 0.01
+    s = ld_noise_level(b["ld"]).exp().clamp_min(0.01).view(-1, 1, 1, 1)
+    assert float(s[2]) == pytest.approx(0.01)
+    x0 = to_x0(b["sd"], b["ld"], cfg.model)
+    torch.testing.assert_close(x0, (b["sd"] - b["ld"]) / s)
+    torch.testing.assert_close(from_x0(x0, b["ld"], cfg.model), b["sd"], rtol=0, atol=1e-5)
+    noise = 0.1 * torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    noisy, quiet = 0.5 + noise, 0.5 + noise / 2  # all brain; half the noise level
+    ratio = to_x0(quiet + 0.1, quiet, cfg.model) / to_x0(noisy + 0.1, noisy, cfg.model)
+    assert torch.allclose(ratio, torch.full_like(ratio, 2.0), rtol=0.05)  # same residual, 2x x_0
 
 
 def test_unknown_target_is_a_config_error():
