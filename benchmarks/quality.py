@@ -33,8 +33,8 @@ MRI: no extra training), and for measurements
 
 Keys: any config override (``train.steps=2000 model.channels=[64,128,128] device=cuda
 generate.subjects=24 generate.shape=[128,128,48]``), plus ``sites_dir=DIR`` (simulated sites;
-reused when generated with the same settings), ``methods=...``, ``regenerate=true`` and
-``test_per_group=4`` (held-out subjects per site and cohort). The default budget (300
+reused when generated with the same settings), ``methods=...``, ``regenerate=true``,
+``test_per_group=4`` (held-out subjects per site and cohort) and ``threads=1`` (torch threads). The default budget (300
 steps per model) took about 25 minutes on 2 CPU cores shared with other jobs.
 """
 
@@ -99,7 +99,7 @@ SITE_COLUMNS = ("site", "cohort", "method", "n", "psnr", "ssim", "suvr_bias_pct"
 COLUMNS = ("method", "n", "psnr", "ssim", "nmse", "suvr_bias_pct", "train_s", "sample_s")
 REGION_COLUMNS = ("cohort", "method", "n", "AD regions %", "parietal %", "posterior cingulate %",
                   "precuneus %", "temporal %")
-OWN_KEYS = ("sites_dir", "methods", "regenerate", "test_per_group")
+OWN_KEYS = ("sites_dir", "methods", "regenerate", "test_per_group", "threads")
 GOAL_METHOD, BASELINE = "m2diff", "unet"
 AD_BIAS_GOAL = 2.0  # percent
 
@@ -290,6 +290,9 @@ def main(argv: list[str]) -> int:
     from m2diff.report import markdown_table, print_table, write_csv, write_json
 
     overrides, own = parse(argv)
+    # One torch thread by default: on a shared CPU two OpenMP threads spin against the other
+    # processes and make the tiny models' small ops several times slower.
+    torch.set_num_threads(int(own.get("threads", 1)))
     cfg = compose(["model=tiny", *overrides])
     device = run_device(cfg)
     out = resolve_path(cfg.out)

@@ -12,7 +12,7 @@ recommended ``sample.steps`` (the product default, conf/config.yaml, comes from 
 Without ``checkpoint=`` the default M2Diff is trained as in benchmarks/quality.py
 (``train.steps``, default 300) on its sites (``sites_dir=``, generated if missing).
 Keys: config overrides, ``checkpoint=``, ``sites_dir=``, ``ddim=1,2,4,8,25``, ``ddpm=true``,
-``subjects=1``.
+``subjects=1`` (held-out volumes per site), ``threads=1`` (torch threads).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from quality import DEFAULTS, parse, sites, test_subjects, train_method  # noqa:
 
 from m2diff.config import compose, resolve_path  # noqa: E402
 
-OWN_KEYS = ("checkpoint", "sites_dir", "ddim", "ddpm", "subjects")
+OWN_KEYS = ("checkpoint", "sites_dir", "ddim", "ddpm", "subjects", "threads")
 WITHIN_DB = 0.2
 
 
@@ -56,6 +56,7 @@ def main(argv: list[str]) -> int:
 
     overrides, own = parse(argv, list(DEFAULTS) + ["out=runs/benchmark-sampling"],
                            own_keys=OWN_KEYS, script="sampling.py")
+    torch.set_num_threads(int(own.get("threads", 1)))  # see quality.py
     cfg = compose(["model=tiny", *overrides])
     device = run_device(cfg)
     all_sites = sites(cfg, resolve_path(own.get("sites_dir", "data/benchmark-sim")), False)

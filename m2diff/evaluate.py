@@ -50,8 +50,8 @@ def evaluate_subjects(model: torch.nn.Module | None, cfg: DictConfig, site: Site
     Rows: site, subject, diagnosis, method, psnr (dB), ssim, nmse, suvr_bias_pct (%), plus
     suvr_bias_<region> and, for the model, seconds (sampling time of the volume). The LD input
     row of a subject always comes before its model row. ``name`` defaults to
-    ``cfg.model.arch``. ``keep`` (optional) receives, per subject id, the axial slice through
-    the AD regions of t1 / ld / pred / sd (2D arrays) for figures.
+    ``cfg.model.arch``. ``keep`` (optional) receives, per subject, the axial slice through
+    the AD regions of t1 / ld / pred / sd (2D arrays) for figures, keyed "site/subject".
     """
     from m2diff.data.mask import brain_mask
     from m2diff.data.nifti import load_volume
@@ -78,7 +78,7 @@ def evaluate_subjects(model: torch.nn.Module | None, cfg: DictConfig, site: Site
                          "seconds": seconds})
         if keep is not None:
             z = ad_slice(sd.shape, ld.affine, mask)
-            keep[subject.id] = {
+            keep[f"{site_name}/{subject.id}"] = {  # ids repeat across sites
                 "label": f"{subject.id} ({subject.diagnosis})", "diagnosis": subject.diagnosis,
                 "site": site_name, "t1": None if t1 is None else t1[:, :, z],
                 "ld": ld.data[:, :, z], "pred": None if pred is None else pred[:, :, z],
