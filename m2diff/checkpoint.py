@@ -3,7 +3,9 @@
 ```
 {"format": "m2diff-checkpoint/1",
  "model": state_dict,         # EMA weights when an EMA is given; bare names, no wrapper prefixes
- "model_cfg": {...},          # plain container of cfg.model: enough to rebuild the model
+ "model_cfg": {...},          # plain container of cfg.model: enough to rebuild the model;
+                              # a diffusion model's formulation (prediction, target,
+                              # residual_scale, sample_start) is stored resolved, explicitly
  "cfg": {...},                # the rest of the run's config (data.norm_percentile, sample, ...),
                               # without data.path / data.cache_dir (no site paths leave a site)
  "extra": {...}}              # e.g. step, optimizer state, raw weights for resuming, round
@@ -15,6 +17,10 @@ folder), so a kill at any moment leaves the previous checkpoint intact. Loading 
 built from the config it carries, the config's numbers are bounded and the model it asks for
 is sized on torch's meta device (nothing allocated) and must hold exactly as many weights as
 the file does (a 1.4 KB file once asked for a 36 GiB model).
+
+Checkpoints from before formulations existed have no ``formulation`` / ``prediction`` keys:
+they load as what they were trained with, noise prediction of their ``target``
+(m2diff.model.diffusion.formulation).
 """
 
 from __future__ import annotations
@@ -57,6 +63,20 @@ def _model_cfg(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     return dict(section)
 
 
+def _is_diffusion(model_cfg: Mapping[str, Any]) -> bool:
+    return model_cfg.get("arch") in ("m2diff", "ddpm_concat")
+
+
+def _stored_model_cfg(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """cfg.model as saved: a diffusion model's formulation written out explicitly."""
+    from m2diff.model.diffusion import resolved_formulation
+
+    model_cfg = _model_cfg(cfg)
+    if _is_diffusion(model_cfg):
+        model_cfg.update(resolved_formulation(model_cfg))
+    return model_cfg
+
+
 def _run_cfg(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     """The whole config as a plain dict, site paths removed; {} for a bare model section."""
     if "arch" in cfg:
@@ -79,7 +99,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, cfg: DictConfig |
         weights = unwrap_model(model).state_dict()
     else:
         weights = unwrap_model(ema).state_dict() if isinstance(ema, nn.Module) else ema
-    payload = {"format": FORMAT, "model": clean_state_dict(weights), "model_cfg": _model_cfg(cfg),
+    payload = {"format": FORMAT, "model": clean_state_dict(weights), "model_cfg": _stored_model_cfg(cfg),
                "cfg": _run_cfg(cfg), "extra": extra}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -150,6 +170,8 @@ def load_checkpoint(path: str | os.PathLike,
             raise CheckpointError(f"{path}: holds a model.arch={stored} model, "
                                   f"this run uses model.arch={wanted.get('arch')}")
         check_compatible(ckpt["model"], _build(wanted, path), str(path))
+        if _is_diffusion(wanted):
+            _check_formulation(ckpt["model_cfg"], wanted, path)
     return ckpt
 
 
@@ -185,6 +207,22 @@ def model_state_bytes(model_cfg: Mapping[str, Any]) -> tuple[int, int]:
     state = model.state_dict().values()
     return (int(sum(t.numel() for t in state)),
             int(sum(t.numel() * t.element_size() for t in state)))
+
+
+def _check_formulation(stored: Mapping[str, Any], wanted: Mapping[str, Any], path: Path) -> None:
+    """A run may not continue training a diffusion model with another formulation."""
+    from m2diff.model.diffusion import formulation
+
+    try:
+        have, want = formulation(stored), formulation(wanted)
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    for key in ("prediction", "target", "residual_scale"):
+        if getattr(have, key) != getattr(want, key):
+            raise CheckpointError(
+                f"{path}: trained with model.{key}={getattr(have, key)}, this run uses "
+                f"model.{key}={getattr(want, key)} (formulation {want.name}); use another out= "
+                f"or set model.{key}={getattr(have, key)}")
 
 
 def _build(model_cfg: Mapping[str, Any], path: Path,

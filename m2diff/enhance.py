@@ -8,6 +8,7 @@ deviation of K seeded samples, an uncertainty map) when K > 1.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +27,31 @@ def _bare(model: torch.nn.Module) -> torch.nn.Module:
     return unwrap_model(model)
 
 
+def voxel_size(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel edge lengths (mm) along X, Y, Z of a NIfTI affine."""
+    return tuple(float(v) for v in np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0)))
+
+
+def keep_ld_low_frequencies(pred: np.ndarray, ld: np.ndarray, fwhm_mm: float,
+                            voxel_mm: Sequence[float]) -> np.ndarray:
+    """``pred - G(pred) + G(ld)`` with G a 3D Gaussian of ``fwhm_mm`` (X, Y, Z volumes in
+    the same units): the enhanced volume keeps the LD scan's own content at scales above
+    the FWHM (its regional means: quantitation from the patient's counts, not from what the
+    model learned of other subjects) and the model's below it."""
+    from scipy.ndimage import gaussian_filter
+
+    sigma = [fwhm_mm / (2.0 * np.sqrt(2.0 * np.log(2.0))) / float(v) for v in voxel_mm]
+
+    def blur(x: np.ndarray) -> np.ndarray:
+        return gaussian_filter(x.astype(np.float64), sigma, mode="nearest")
+
+    return (pred - blur(pred) + blur(ld)).astype(np.float32)
+
+
 @torch.no_grad()
 def enhance_volume(model: torch.nn.Module, cfg: DictConfig, ld: np.ndarray, t1: np.ndarray | None,
-                   device: torch.device | str, seed: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+                   device: torch.device | str, seed: int = 0,
+                   voxel_mm: Sequence[float] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Enhance one LD volume (X, Y, Z) in file units; returns (mean, std | None), (X, Y, Z) float32
     in the same units.
 
@@ -38,6 +61,8 @@ def enhance_volume(model: torch.nn.Module, cfg: DictConfig, ld: np.ndarray, t1: 
     seed .. seed+K-1, so results do not depend on the device's RNG) and the voxel-wise std of
     the K volumes is returned as well. A regression model is called directly (deterministic:
     std is None). ``t1=None`` or ``cfg.sample.mri = false`` enhances without MRI.
+    With ``cfg.sample.ld_lowpass_fwhm_mm`` > 0 every volume keeps the LD's content above that
+    scale (``keep_ld_low_frequencies``; needs ``voxel_mm``, the voxel size in mm).
     """
     from m2diff.data.dataset import prepare_volume, restore_volume
 
@@ -52,6 +77,9 @@ def enhance_volume(model: torch.nn.Module, cfg: DictConfig, ld: np.ndarray, t1: 
     diffusion = bool(bare.is_diffusion)
     k = max(1, int(cfg.sample.get("samples", 1))) if diffusion else 1
     batch = max(1, int(cfg.sample.get("batch_size", 64)))
+    fwhm = float(cfg.sample.get("ld_lowpass_fwhm_mm", 0.0) or 0.0)
+    if fwhm > 0 and voxel_mm is None:
+        raise ValueError("sample.ld_lowpass_fwhm_mm > 0 needs the voxel size (voxel_mm)")
     was_training = model.training
     model.eval()
     volumes: list[np.ndarray] = []
@@ -70,8 +98,11 @@ def enhance_volume(model: torch.nn.Module, cfg: DictConfig, ld: np.ndarray, t1: 
                     model(ld_slices[j:j + batch],
                           None if t1_slices is None else t1_slices[j:j + batch])
                     for j in range(0, ld_slices.shape[0], batch)])
-            volumes.append(np.asarray(restore_volume(pred.float().cpu().numpy(), prepared),
-                                      dtype=np.float32))
+            volume = np.asarray(restore_volume(pred.float().cpu().numpy(), prepared), dtype=np.float32)
+            if fwhm > 0:
+                volume = keep_ld_low_frequencies(volume, np.asarray(ld, dtype=np.float32), fwhm,
+                                                 voxel_mm)  # type: ignore[arg-type]
+            volumes.append(volume)
     finally:
         model.train(was_training)
     if k == 1:
@@ -177,7 +208,7 @@ def run_enhance(cfg: DictConfig, args: dict[str, str]) -> int:
         return 2
     mri = t1 is not None and bool(cfg.sample.get("mri", True))
     mean, std = enhance_volume(model, cfg, ld.data, t1.data if t1 is not None else None, device,
-                               seed=int(cfg.seed))
+                               seed=int(cfg.seed), voxel_mm=voxel_size(ld.affine))
     save_volume(out, mean, ld.affine, ld.header)
     wrote = [str(out)]
     if std is not None:

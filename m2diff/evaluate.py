@@ -2,8 +2,9 @@
 
 ``m2diff evaluate data=SITE_DIR [checkpoint=...] [split=test]`` writes, under ``cfg.out``:
 metrics_subjects.csv (one row per subject and method, the LD input first), metrics_summary.csv
-(mean and std per method x cohort x site and pooled), metrics.json (protocol, rows, summary)
-and panel_<cohort>.png (T1 / LD / enhanced / SD / |error| for up to 3 subjects).
+(mean and std per method x cohort x site and pooled), metrics.json (protocol, rows, summary),
+panel_<cohort>.png (T1 / LD / enhanced / SD / |error| for up to 3 subjects) and panel.png
+(the same for the first CN and the first AD subject).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 from m2diff.data.layout import Site, Subject
-from m2diff.enhance import enhance_volume, load_for_inference, one_line, run_device
+from m2diff.enhance import enhance_volume, load_for_inference, one_line, run_device, voxel_size
 from m2diff.metrics import PROTOCOL, volume_metrics
 from m2diff.regions import ad_mask
 
@@ -49,8 +50,8 @@ def evaluate_subjects(model: torch.nn.Module | None, cfg: DictConfig, site: Site
     Rows: site, subject, diagnosis, method, psnr (dB), ssim, nmse, suvr_bias_pct (%), plus
     suvr_bias_<region> and, for the model, seconds (sampling time of the volume). The LD input
     row of a subject always comes before its model row. ``name`` defaults to
-    ``cfg.model.arch``. ``keep`` (optional) receives, per subject id, the axial slice through
-    the AD regions of t1 / ld / pred / sd (2D arrays) for figures.
+    ``cfg.model.arch``. ``keep`` (optional) receives, per subject, the axial slice through
+    the AD regions of t1 / ld / pred / sd (2D arrays) for figures, keyed "site/subject".
     """
     from m2diff.data.mask import brain_mask
     from m2diff.data.nifti import load_volume
@@ -70,13 +71,14 @@ def evaluate_subjects(model: torch.nn.Module | None, cfg: DictConfig, site: Site
         pred = None
         if model is not None:
             start = time.perf_counter()
-            pred, _ = enhance_volume(model, cfg, ld.data, t1, device, seed=int(cfg.seed))
+            pred, _ = enhance_volume(model, cfg, ld.data, t1, device, seed=int(cfg.seed),
+                                     voxel_mm=voxel_size(ld.affine))
             seconds = time.perf_counter() - start
             rows.append({**base, "method": method, **volume_metrics(pred, sd, mask, ld.affine),
                          "seconds": seconds})
         if keep is not None:
             z = ad_slice(sd.shape, ld.affine, mask)
-            keep[subject.id] = {
+            keep[f"{site_name}/{subject.id}"] = {  # ids repeat across sites
                 "label": f"{subject.id} ({subject.diagnosis})", "diagnosis": subject.diagnosis,
                 "site": site_name, "t1": None if t1 is None else t1[:, :, z],
                 "ld": ld.data[:, :, z], "pred": None if pred is None else pred[:, :, z],
@@ -212,12 +214,17 @@ def run_evaluate(cfg: DictConfig, args: dict[str, str]) -> int:
                                       "checkpoint": args.get("checkpoint"),
                                       "subjects": rows, "summary": summary})
     method = None if model is None else str(cfg.model.arch)
+    for c in keep.values():
+        c["label"] = f"{c['site']}\n{c['label']}"
     for cohort in COHORTS:
         cases = [c for c in keep.values() if c["diagnosis"] == cohort][:PANEL_ROWS]
         if cases:
-            for c in cases:
-                c["label"] = f"{c['site']}\n{c['label']}"
             plot_panel(cases, out / f"panel_{cohort.lower()}.png",
                        title=f"{cohort}: {method or 'LD input only'}, axial slice through the AD regions")
+    first = [c for c in (next((c for c in keep.values() if c["diagnosis"] == d), None)
+                         for d in COHORTS) if c is not None]
+    plot_panel(first, out / "panel.png",
+               title=f"{method or 'LD input only'}: one CN and one AD subject, axial slice through "
+                     "the AD regions")
     print(f"wrote {out}/metrics_subjects.csv, metrics_summary.csv, metrics.json, panel_*.png")
     return 0

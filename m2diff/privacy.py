@@ -33,11 +33,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 from opacus import PrivacyEngine
 from opacus.accountants import RDPAccountant
@@ -50,7 +48,15 @@ from torch.utils.data import DataLoader, default_collate
 
 from m2diff.config import ConfigError
 from m2diff.model import unwrap_model
-from m2diff.model.diffusion import _get, _mri_keep, _randn, to_x0
+from m2diff.model.diffusion import (
+    Draws,
+    diffusion_pair,
+    draw,
+    loss_terms,
+    loss_weights,
+    term_names,
+    weighted_loss,
+)
 from m2diff.train import training_dataset
 
 __all__ = ["Draws", "PerSampleGrads", "accountant_state", "epsilon", "history_of",
@@ -156,19 +162,8 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, slices: Any
     return model, optimizer, dp_loader, engine
 
 
-@dataclass
-class Draws:
-    """The random draws of one minibatch: ``keep`` (B,) bool MRI kept, or None (regression
-    without MRI dropout); diffusion models also ``t`` (B, K) timesteps and ``noise``
-    (B, K, C, H, W)."""
-
-    keep: Tensor | None
-    t: Tensor | None = None
-    noise: Tensor | None = None
-
-
 class _Heads(nn.Module):
-    """What one slice's loss needs from the model: both eps heads (M2Diff), the eps head
+    """What one slice's loss needs from the model: both heads (M2Diff), the one head
     (ddpm_concat) or the prediction (unet), as a tuple; mri_keep passed explicitly."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -186,14 +181,16 @@ class PerSampleGrads:
 
     ``grads(batch, model_cfg, scheduler, draws)`` is ``vmap(grad(one slice's loss))`` over
     the batch, with ``functional_call`` on the bare model. One slice's loss is that of
-    ``m2diff.model.diffusion.training_loss`` for a batch of that slice alone, averaged over
-    its K (timestep, noise) draws (each MSE is a mean over K x C x H x W elements, i.e. the
-    mean of the K single-draw losses). Nothing mixes slices of a batch.
+    ``m2diff.model.diffusion.training_loss`` for a batch of that slice alone, built from the
+    same pieces (``diffusion_pair`` for x_t and the formulation's target, ``loss_terms``,
+    ``weighted_loss``), averaged over its K (timestep, noise) draws (each MSE is a mean over
+    K x C x H x W elements, i.e. the mean of the K single-draw losses). Nothing mixes slices
+    of a batch.
 
     Called as ``step(batch, model_cfg, scheduler, generator)`` (what train_steps does) it
-    draws with ``generator`` in training_loss' order (MRI keep, noise, timesteps; at K = 1
-    the very numbers training_loss would draw), stores the gradients as ``p.grad_sample``
-    and returns training_loss' logs (batch means).
+    draws with ``generator`` through ``diffusion.draw`` (at K = 1 the very numbers
+    training_loss draws), stores the gradients as ``p.grad_sample`` and returns
+    training_loss' logs (batch means).
     """
 
     def __init__(self, model: nn.Module, multiplicity: int = 1) -> None:
@@ -203,24 +200,8 @@ class PerSampleGrads:
 
     def draws(self, batch: Mapping[str, Tensor | None], model_cfg: Any, scheduler: Any,
               generator: torch.Generator | None) -> Draws:
-        ld, t1 = batch["ld"], batch.get("t1")
-        assert ld is not None
-        device, size = ld.device, ld.shape[0]
-        keep = _mri_keep(self.bare, size, generator, device) if self.bare.training else None
-        has_t1 = batch.get("has_t1")
-        if has_t1 is not None and t1 is not None:
-            has_t1 = has_t1.to(device=device, dtype=torch.bool)
-            keep = has_t1 if keep is None else keep & has_t1
-        if not self.bare.is_diffusion:
-            return Draws(keep)
-        noise = _randn((size, self.k, *ld.shape[1:]), generator, device)
-        steps = int(scheduler.num_train_timesteps)
-        if generator is None:
-            t = torch.randint(0, steps, (size, self.k), device=device)
-        else:
-            t = torch.randint(0, steps, (size, self.k), generator=generator,
-                              device=generator.device).to(device)
-        return Draws(keep, t, noise)
+        del model_cfg
+        return draw(self.bare, batch, scheduler, generator, self.k)
 
     def _params(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         params = {n: p.detach() for n, p in self.heads.named_parameters() if p.requires_grad}
@@ -239,22 +220,13 @@ class PerSampleGrads:
             keep = torch.ones(size, dtype=torch.bool, device=ld.device)
         params, buffers = self._params()
         diffusion = bool(self.bare.is_diffusion)
-        two_heads = hasattr(self.bare, "forward_heads")
-        weights = [float(w) for w in _get(model_cfg, "loss_weights", (0.4, 0.4, 0.2))]
-        if two_heads and len(weights) != 3:
-            raise ConfigError(f"model.loss_weights={weights}: expected 3 weights "
-                              "(pet, mri, consistency)")
         if diffusion:
             assert draws.t is not None and draws.noise is not None
-            k = draws.t.shape[1]
-            x0 = to_x0(sd, ld, model_cfg)
-            x0 = x0[:, None].expand(-1, k, *x0.shape[1:])
-            x_t = scheduler.add_noise(original_samples=x0.reshape(-1, *x0.shape[2:]),
-                                      noise=draws.noise.reshape(-1, *x0.shape[2:]),
-                                      timesteps=draws.t.reshape(-1)).reshape(x0.shape)
-            target, t = draws.noise, draws.t
+            x_t, target = diffusion_pair(sd, ld, model_cfg, scheduler, draws.noise, draws.t)
+            t = draws.t
         else:
             x_t, t, target = ld[:, None], None, sd[:, None]  # one "draw": the slice itself
+        loss_weights(model_cfg)  # a bad setting fails here, not inside vmap
         heads = self.heads
 
         def one(p: dict[str, Tensor], x_t: Tensor, t: Tensor | None, ld: Tensor,
@@ -264,23 +236,14 @@ class PerSampleGrads:
             t1_k = None if t1 is None else t1.expand(n, *t1.shape)
             args = (x_t, t, ld_k, t1_k) if diffusion else (ld_k, t1_k)
             out = functional_call(heads, (p, buffers), args, {"keep": keep.expand(n)})
-            if two_heads:
-                eps_pet, eps_mri = out
-                terms = torch.stack([F.mse_loss(eps_pet, target), F.mse_loss(eps_mri, target),
-                                     F.mse_loss(eps_pet, eps_mri)])
-                loss = (torch.tensor(weights, device=terms.device, dtype=terms.dtype)
-                        * terms).sum()
-            else:
-                loss = F.mse_loss(out[0], target)
-                terms = loss[None]
-            return loss, terms.detach()
+            terms = loss_terms(out, target)
+            return weighted_loss(terms, model_cfg), terms.detach()
 
         in_dims = (None, 0, None if t is None else 0, 0, None if t1 is None else 0, 0, 0)
         per_slice = vmap(grad(one, has_aux=True), in_dims=in_dims, randomness="different")
         grads, terms = per_slice(params, x_t, t, ld, t1, keep, target)
-        names = ("mse_pet", "mse_mri", "consistency") if two_heads else ("loss",)
         # "m." is _Heads' prefix: back to the bare model's names.
-        return {n[2:]: g for n, g in grads.items()}, terms, names
+        return {n[2:]: g for n, g in grads.items()}, terms, term_names(self.bare)
 
     def __call__(self, batch: Mapping[str, Tensor | None], model_cfg: Any, scheduler: Any,
                  generator: torch.Generator | None = None) -> dict[str, float]:
@@ -289,11 +252,9 @@ class PerSampleGrads:
         for name, p in self.bare.named_parameters():
             if p.requires_grad:
                 p.grad_sample = grads[name]
-        means = terms.mean(dim=0).float().tolist()
-        logs = dict(zip(names, means, strict=True))
-        if len(names) == 3:
-            weights = [float(w) for w in _get(model_cfg, "loss_weights", (0.4, 0.4, 0.2))]
-            logs["loss"] = float(sum(w * m for w, m in zip(weights, means, strict=True)))
+        means = terms.mean(dim=0)
+        logs = dict(zip(names, means.float().tolist(), strict=True))
+        logs["loss"] = float(weighted_loss(means, model_cfg))
         return logs
 
 

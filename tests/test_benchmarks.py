@@ -10,8 +10,7 @@ import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 TOY = ["generate.sites=1", "generate.subjects=3", "generate.shape=[32,32,8]",
-       "generate.angles=32", "generate.mlem_iters=4", "train.steps=2", "train.batch_size=4",
-       "sample.steps=2"]
+       "generate.angles=32", "generate.mlem_iters=4", "train.steps=2", "train.batch_size=4"]
 
 
 def _load(name: str):
@@ -26,18 +25,26 @@ def _load(name: str):
 def test_quality_and_sampling_benchmarks_print_their_tables(tmp_path, capsys):
     quality = _load("quality")
     sites, out = tmp_path / "sites", tmp_path / "out"
-    assert quality.main([*TOY, f"sites_dir={sites}", f"out={out}",
-                         "methods=unet,m2diff,m2diff_residual"]) == 0
+    assert quality.main([*TOY, f"sites_dir={sites}", f"out={out}", "test_per_group=1",
+                         "methods=unet,m2diff,m2diff_paper,m2diff_mri_free"]) == 0
+    participants = (sites / "site-a-healthy" / "participants.tsv").read_text().split()
+    assert participants.count("test") == 1 and participants.count("train") == 2
     text = (out / "quality.md").read_text()
-    for method in ("LD input", "unet", "m2diff", "m2diff_residual"):
+    for method in ("LD input", "unet", "m2diff", "m2diff_paper", "m2diff_mri_free"):
         assert f"| {method} |" in text
-    assert "PSNR" in text and "SUVR" in text
+    assert "| site-a-healthy | CN | m2diff |" in text  # the per site x cohort table
+    assert "PSNR" in text and "SUVR" in text and "precuneus %" in text
+    assert "m2diff >= LD input, site-a-healthy CN" in text  # the goal lines
 
     sampling = _load("sampling")
     assert sampling.main([*TOY, f"sites_dir={sites}", f"out={out}", "ddpm=false",
-                          "ddim=2,4"]) == 0
+                          "ddim=1,2"]) == 0
     printed = capsys.readouterr().out
-    assert "DDIM 2" in printed and "DDIM 4" in printed
+    assert "DDIM" in printed and "fewest DDIM steps within 0.2 dB" in printed
+    rows = [{"sampler": "DDPM", "steps": 1000, "psnr": 30.0},
+            {"sampler": "DDIM", "steps": 1, "psnr": 29.7},
+            {"sampler": "DDIM", "steps": 4, "psnr": 29.85}, {"sampler": "DDIM", "steps": 25, "psnr": 30.1}]
+    assert sampling.recommended_steps(rows) == 4
 
 
 @pytest.mark.slow

@@ -88,6 +88,37 @@ def test_diffusion_samples_give_std(cfg, monkeypatch):
     np.testing.assert_array_equal(mean, again)  # seeded
 
 
+class Biased(Identity):
+    """A regression 'model' that adds a smooth bias field and a fine checkerboard to LD."""
+
+    def forward(self, ld: torch.Tensor, t1: torch.Tensor | None = None) -> torch.Tensor:
+        h, w = ld.shape[-2:]
+        yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        checker = ((yy + xx) % 2).to(ld.dtype) * 0.2 - 0.1
+        return ld + 0.3 + 0.2 * torch.cos(yy / h * 3.14) + checker + 0 * self.w
+
+
+def test_ld_low_frequencies_replace_the_models(cfg):
+    """sample.ld_lowpass_fwhm_mm: the model's smooth deviation from LD (a regional bias) is
+    removed, its fine detail kept; needs the voxel size; 0 switches it off."""
+    ld = np.full((32, 32, 6), 2000.0, dtype=np.float32)  # flat LD: its model-space value is 1
+    _, t1, affine = _volumes((32, 32, 6))
+    voxel = enhance.voxel_size(affine)
+    assert voxel == pytest.approx((2.0, 2.5, 3.0))
+    raw, _ = enhance.enhance_volume(Biased(), cfg, ld, t1, "cpu", voxel_mm=voxel)
+    cfg.sample.ld_lowpass_fwhm_mm = 20.0
+    with pytest.raises(ValueError, match="voxel"):
+        enhance.enhance_volume(Biased(), cfg, ld, t1, "cpu")
+    kept, _ = enhance.enhance_volume(Biased(), cfg, ld, t1, "cpu", voxel_mm=voxel)
+    inner = (slice(8, 24), slice(8, 24), slice(None))
+    assert abs(float(raw[inner].mean()) - 2000) > 300  # the model's bias field
+    assert float(kept[inner].mean()) == pytest.approx(2000, rel=0.01)  # LD's regional mean
+    detail = np.abs(np.diff(kept[inner], axis=0)).mean()
+    assert detail == pytest.approx(np.abs(np.diff(raw[inner], axis=0)).mean(), rel=0.1)
+    same, _ = enhance.enhance_volume(Identity(), cfg, ld, t1, "cpu", voxel_mm=voxel)
+    np.testing.assert_allclose(same, ld, rtol=1e-4)  # a model that returns LD: unchanged
+
+
 def _write_inputs(tmp_path):
     ld, t1, affine = _volumes()
     ld_file = save_volume(tmp_path / "ld.nii.gz", ld, affine)

@@ -63,6 +63,7 @@ def test_evaluate_command_ld_only(request, tmp_path):
     assert "cerebellum" in data["protocol"] and data["summary"]
     assert (out / "metrics_summary.csv").stat().st_size > 0
     assert any(p.stat().st_size > 1000 for p in out.glob("panel_*.png"))
+    assert (out / "panel.png").stat().st_size > 1000  # first CN + first AD subject
 
 
 def test_evaluate_command_with_checkpoint(request, tmp_path):

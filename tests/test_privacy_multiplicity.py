@@ -12,7 +12,7 @@ from opacus.accountants import RDPAccountant
 
 from m2diff.config import ConfigError
 from m2diff.model import build_model, unwrap_model
-from m2diff.model.diffusion import make_scheduler, training_loss
+from m2diff.model.diffusion import make_scheduler, to_x0, training_loss
 from m2diff.privacy import (
     PerSampleGrads,
     accountant_state,
@@ -80,8 +80,12 @@ def test_functional_per_sample_gradients_equal_opacus_hooks(arch):
 
 
 @pytest.mark.parametrize("arch", ["tiny", "ddpm_concat"])
-def test_k_draws_gradient_is_the_mean_of_single_draw_gradients(arch):
-    cfg = cfg_for(arch)
+@pytest.mark.parametrize("form", ["enhance", "paper"])
+def test_k_draws_gradient_is_the_mean_of_single_draw_gradients(arch, form):
+    """By hand, per formulation: enhance diffuses the noise-normalised residual x_0
+    (``to_x0``, tested by hand in tests/model) and the heads predict x_0; the paper's
+    diffuses SD and the heads predict the noise."""
+    cfg = cfg_for(arch, f"model.formulation={form}")
     k = 4
     torch.manual_seed(0)
     model = randomize_zero_params(build_model(cfg.model))
@@ -94,18 +98,22 @@ def test_k_draws_gradient_is_the_mean_of_single_draw_gradients(arch):
 
     params = dict(model.named_parameters())
     w = [float(v) for v in cfg.model.loss_weights]
+    x0 = to_x0(data["sd"], data["ld"], cfg.model)
+    if form == "paper":
+        assert torch.equal(x0, data["sd"])
     for i in range(3):  # by hand: one slice, one draw at a time, plain autograd
         want = {n: torch.zeros_like(p) for n, p in params.items()}
         for j in range(k):
             t, noise = draws.t[i, j:j + 1], draws.noise[i, j:j + 1]
-            x_t = scheduler.add_noise(data["sd"][i:i + 1], noise, t)
+            x_t = scheduler.add_noise(x0[i:i + 1], noise, t)
+            y = noise if form == "paper" else x0[i:i + 1]
             args = (x_t, t, data["ld"][i:i + 1], data["t1"][i:i + 1])
             if arch == "tiny":
                 pet, mri = model.forward_heads(*args, mri_keep=draws.keep[i:i + 1])
-                loss = (w[0] * F.mse_loss(pet, noise) + w[1] * F.mse_loss(mri, noise)
+                loss = (w[0] * F.mse_loss(pet, y) + w[1] * F.mse_loss(mri, y)
                         + w[2] * F.mse_loss(pet, mri))
             else:
-                loss = F.mse_loss(model(*args, mri_keep=draws.keep[i:i + 1]), noise)
+                loss = F.mse_loss(model(*args, mri_keep=draws.keep[i:i + 1]), y)
             for name, g in zip(params, torch.autograd.grad(
                     loss, list(params.values()), allow_unused=True), strict=True):
                 if g is not None:
@@ -149,7 +157,8 @@ def test_dp_tiny_model_with_noise_multiplicity_still_learns():
     _, _, result = _train_dp(cfg, fake_slices(n=32, h=16, w=16), 40)
     losses = result.losses
     assert result.steps == 40 and len(losses) > 30 and all(np.isfinite(losses))
-    assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:8])
+    # From the LD input's own error (the untrained model's, 1.42) to 1.10 in 40 steps.
+    assert np.mean(losses[-10:]) < 0.85 * np.mean(losses[:3])
 
 
 @pytest.mark.parametrize("k", [1, 2])

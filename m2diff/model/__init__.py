@@ -1,8 +1,8 @@
 """Models: M2Diff and the two baselines, all built from ``cfg.model`` by ``build_model``.
 
 Every model has ``.is_diffusion`` and ``.stride`` (slice H and W must be multiples of it).
-Diffusion models: ``forward(x_t, t, ld, t1=None) -> eps`` (B, 1, H, W); M2Diff also
-``forward_heads``. Regression (unet): ``forward(ld, t1=None) -> sd``.
+Diffusion models: ``forward(x_t, t, ld, t1=None) -> out`` (B, 1, H, W), the noise, x_0 or v
+as the formulation says (m2diff.model.diffusion); M2Diff also ``forward_heads``. Regression (unet): ``forward(ld, t1=None) -> sd``.
 """
 
 from __future__ import annotations
@@ -59,10 +59,10 @@ def build_model(model_cfg: DictConfig | Mapping[str, Any]) -> nn.Module:
         if arch == "ddpm_concat":
             return ConcatDDPM(cfg["channels"], cfg["attention_levels"], int(cfg["num_res_blocks"]),
                               int(cfg["num_heads"]), int(cfg["norm_num_groups"]),
-                              float(cfg.get("mri_dropout", 0.0)))
+                              float(cfg.get("mri_dropout", 0.0)), bool(cfg.get("noise_cond") or False))
         return M2Diff(cfg["channels"], cfg["attention_levels"], int(cfg["num_res_blocks"]),
                       int(cfg["num_heads"]), int(cfg["norm_num_groups"]), float(cfg["dropout"]),
-                      float(cfg["mri_dropout"]))
+                      float(cfg["mri_dropout"]), bool(cfg.get("noise_cond") or False))
     except KeyError as exc:
         raise ConfigError(f"model config lacks key {exc}") from None
 

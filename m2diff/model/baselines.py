@@ -15,6 +15,8 @@ import torch
 from monai.networks.nets import DiffusionModelUNet, UNet
 from torch import Tensor, nn
 
+from m2diff.model.m2diff import ld_noise_level
+
 
 def _t1_or_zeros(t1: Tensor | None, like: Tensor, mri_keep: Tensor | None) -> Tensor:
     if t1 is None:
@@ -55,21 +57,26 @@ class RegressionUNet(nn.Module):
 
 
 class ConcatDDPM(nn.Module):
-    """Single-pathway conditional DDPM: forward(x_t, t, ld, t1=None) -> eps (B, 1, H, W).
+    """Single-pathway conditional DDPM: forward(x_t, t, ld, t1=None) -> eps, x_0 or v (the
+    formulation's), (B, 1, H, W).
 
     MONAI's DiffusionModelUNet has no dropout option, so ``model.dropout`` does not apply here.
+    With ``noise_cond`` the LD slice's noise level (``ld_noise_level``) is a fourth, constant
+    input channel (MONAI's UNet takes no continuous conditioning in its embedding).
     """
 
     is_diffusion = True
 
     def __init__(self, channels: Sequence[int], attention_levels: Sequence[bool],
                  num_res_blocks: int, num_heads: int, norm_num_groups: int,
-                 mri_dropout: float = 0.0) -> None:
+                 mri_dropout: float = 0.0, noise_cond: bool = False) -> None:
         super().__init__()
         self.stride = 2 ** (len(channels) - 1)
         self.mri_dropout = float(mri_dropout)
+        self.noise_cond = bool(noise_cond)
         self.unet = DiffusionModelUNet(
-            spatial_dims=2, in_channels=3, out_channels=1, num_res_blocks=num_res_blocks,
+            spatial_dims=2, in_channels=4 if noise_cond else 3, out_channels=1,
+            num_res_blocks=num_res_blocks,
             channels=list(channels), attention_levels=list(attention_levels),
             norm_num_groups=norm_num_groups, num_head_channels=[c // num_heads for c in channels])
 
@@ -77,4 +84,7 @@ class ConcatDDPM(nn.Module):
                 mri_keep: Tensor | None = None) -> Tensor:
         t1 = _t1_or_zeros(t1, ld, mri_keep)
         t = t.reshape(-1).expand(x_t.shape[0]) if t.numel() == 1 else t
-        return self.unet(torch.cat([x_t, ld, t1], dim=1), t)
+        inputs = [x_t, ld, t1]
+        if self.noise_cond:
+            inputs.append(ld_noise_level(ld).view(-1, 1, 1, 1).expand_as(ld))
+        return self.unet(torch.cat(inputs, dim=1), t)

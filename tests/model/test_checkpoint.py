@@ -115,3 +115,46 @@ def test_resolve_device():
     else:
         with pytest.raises(ConfigError, match="CUDA device"):
             resolve_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_checkpoint_records_its_formulation_and_resume_keeps_it(saved):
+    path, _, cfg = saved
+    stored = load_checkpoint(path)["model_cfg"]
+    assert (stored["formulation"], stored["prediction"], stored["target"],
+            stored["residual_scale"], stored["sample_start"]) == ("enhance", "x0", "residual_norm", 4.0, "noise")
+    load_checkpoint(path, cfg)  # same formulation: fine
+    with pytest.raises(CheckpointError, match="trained with model.prediction=x0, this run uses "
+                                              "model.prediction=epsilon"):
+        load_checkpoint(path, cfg_for("tiny", "model.formulation=paper"))
+    with pytest.raises(CheckpointError, match="model.target=residual_norm"):
+        load_checkpoint(path, cfg_for("tiny", "model.target=sd"))
+
+
+def test_old_epsilon_checkpoint_loads_and_samples_as_epsilon(tmp_path):
+    """A checkpoint written before formulations existed (no formulation / prediction keys,
+    trained on the SD target with noise prediction) is sampled as noise prediction from
+    pure noise, also under today's default config."""
+    from m2diff.enhance import load_for_inference
+    from m2diff.model.diffusion import formulation, predict_sd
+
+    paper = cfg_for("tiny", "model.formulation=paper")
+    torch.manual_seed(0)
+    model = randomize_zero_params(build_model(paper.model))
+    path = save_checkpoint(tmp_path / "old.pt", model, paper)
+    ckpt = torch.load(path, weights_only=True)
+    for key in ("formulation", "prediction", "residual_scale", "sample_start"):
+        ckpt["model_cfg"].pop(key)
+    ckpt["model_cfg"]["target"] = "sd"
+    torch.save(ckpt, path)
+
+    loaded, cfg = load_for_inference(cfg_for("tiny"), path, torch.device("cpu"))
+    f = formulation(cfg.model)
+    assert (f.name, f.prediction, f.target, f.start) == ("legacy", "epsilon", "sd", "noise")
+    b = batch(2, 8, 8)
+    sample = {**cfg.sample, "steps": 3}
+    got = predict_sd(loaded, b["ld"], b["t1"], cfg.model, sample, torch.Generator().manual_seed(1))
+    want = predict_sd(model, b["ld"], b["t1"], paper.model, sample, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    other = predict_sd(loaded, b["ld"], b["t1"], cfg_for("tiny").model, sample,
+                       torch.Generator().manual_seed(1))
+    assert not torch.allclose(got, other, atol=1e-3)  # read as x0 it would differ
