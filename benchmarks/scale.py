@@ -47,15 +47,18 @@ DEFAULTS = ["model=tiny", "generate=tiny", "generate.subjects=4", "train.steps=2
             "train.batch_size=8", "sample.steps=2", "device=cpu", "fl.min_sites=2"]
 OWN = {"sites": "20", "rounds": "50", "marks": "", "out": "runs/benchmark-scale",
        "sites_dir": "", "sample_s": "1.0"}
-# Process kinds, first match of the command line wins (Ray names its workers by their task).
-KINDS = (("site worker (ray::ClientAppActor)", r"ray::ClientAppActor"),
-         ("ServerApp (flwr-simulation)", r"flwr-simulation"),
-         ("SuperLink", r"flower-superlink"),
-         ("SuperExec", r"flower-superexec"),
-         ("Ray raylet", r"/raylet( |$)"),
-         ("Ray GCS", r"gcs_server"),
-         ("Ray idle worker", r"ray::IDLE|default_worker\.py"),
-         ("flwr CLI", r"/flwr( |$)"))
+# Process kinds by the start of the command line (program and script; Ray retitles a worker
+# "ray::<actor or task>"), first match wins.
+KINDS = (("site worker (ray::ClientAppActor)", r"^ray::ClientAppActor"),
+         ("ServerApp (flwr-simulation)", r"^\S*python\S* \S*/flwr-simulation "),
+         ("SuperLink", r"^\S*python\S* \S*/flower-superlink "),
+         ("SuperExec", r"^\S*python\S* \S*/flower-superexec "),
+         ("Ray raylet", r"^\S*/raylet "),
+         ("Ray GCS", r"^\S*/gcs_server "),
+         ("Ray agents, dashboard", r"^ray::\w*Agent|^\S*python\S* \S*/ray/dashboard/"),
+         ("Ray worker, other", r"^ray::|^\S*python\S* \S*default_worker\.py"),
+         ("Ray, other", r"^\S*python\S* \S*/ray/"),
+         ("flwr CLI", r"^\S*python\S* \S*/flwr "))
 MiB = 2**20
 
 
@@ -67,6 +70,7 @@ class Proc:
     kind: str
     rss: int = 0
     hwm: int = 0
+    cmd: str = ""
 
 
 def _status(pid: int) -> dict[str, int]:
@@ -107,13 +111,17 @@ def descendants(root: int) -> list[int]:
     return out
 
 
-def kind_of(pid: int) -> str | None:
-    """The process kind by its command line (KINDS), None for anything else."""
+def command(pid: int) -> str:
+    """The command line, words separated by spaces (with a trailing one), "" when gone."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            cmd = fh.read().replace(b"\0", b" ").decode(errors="replace")
+            return fh.read().replace(b"\0", b" ").decode(errors="replace").rstrip() + " "
     except OSError:
-        return None
+        return ""
+
+
+def kind_of(cmd: str) -> str | None:
+    """The process kind of a command line (KINDS), None for anything else."""
     for kind, pattern in KINDS:
         if re.search(pattern, cmd):
             return kind
@@ -131,19 +139,21 @@ class Sampler:
 
     def sample(self) -> None:
         for pid in descendants(os.getpid()):
-            kind = self.procs[pid].kind if pid in self.procs else kind_of(pid)
+            cmd = command(pid)
+            kind = kind_of(cmd)  # again each time: a Ray worker is retitled once it hosts an actor
             if kind is None or kind == "flwr CLI":
                 continue
             mem = _status(pid)
             if mem:
                 proc = self.procs.setdefault(pid, Proc(pid, kind))
+                proc.kind, proc.cmd = kind, cmd[:160]
                 proc.rss, proc.hwm = mem.get("VmRSS", 0), max(proc.hwm, mem.get("VmHWM", 0))
 
     def snapshot(self, rnd: int) -> None:
         """Memory of the processes alive now (sampled just before)."""
         self.sample()
         alive = set(descendants(os.getpid()))
-        self.snapshots[rnd] = [Proc(p.pid, p.kind, p.rss, p.hwm) for p in self.procs.values()
+        self.snapshots[rnd] = [Proc(p.pid, p.kind, p.rss, p.hwm, p.cmd) for p in self.procs.values()
                                if p.pid in alive]
 
     def run(self) -> None:
