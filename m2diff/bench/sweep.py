@@ -116,6 +116,8 @@ def identity_of(cfg: DictConfig) -> str:
     tree = _plain(cfg)
     for key in VOLATILE:
         _drop(tree, key)
+    for section in ("export", "prepare") + (("generate",) if cfg.data.get("path") else ()):
+        tree.pop(section, None)  # not read by training (the generator only without data.path)
     if str(cfg.fl.mode) != "federated":
         tree["fl"] = {k: v for k, v in tree["fl"].items() if k in NON_FEDERATED_FL}
         if str(cfg.privacy.get("kind", "none")) != "dp":
