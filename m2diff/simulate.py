@@ -188,7 +188,7 @@ def run_federated(cfg: DictConfig, sites: list[Path], out: Path) -> list[dict[st
         run_id = ctl.submit(REPO, run_config, federation)
         print(f"m2diff simulate: Flower run {run_id}: {len(sites)} virtual sites, "
               f"{cfg.fl.rounds} rounds x {cfg.train.steps} steps", flush=True)
-        row = ctl.wait(run_id, timeout=float(cfg.fl.rounds) * float(cfg.fl.round_timeout) + 600)
+        row = _wait(ctl, run_id, float(cfg.fl.rounds) * float(cfg.fl.round_timeout) + 600)
         ok, text = run_outcome(row)
         traffic = row.get("network-traffic", {})
         print(f"m2diff simulate: run {run_id} {text} in {row.get('elapsed', 0):.0f} s "
@@ -201,6 +201,22 @@ def run_federated(cfg: DictConfig, sites: list[Path], out: Path) -> list[dict[st
     rows = json.loads((out / "rounds.json").read_text()) if (out / "rounds.json").is_file() else []
     last = max((int(r["round"]) for r in rows), default=0)
     return [r for r in rows if int(r["round"]) == last]
+
+
+def _wait(ctl: Any, run_id: int, timeout: float) -> dict[str, Any]:
+    """``Federation.wait`` that survives a slow ``flwr ls``: on a busy machine (many sites,
+    niced processes) one poll can take over its 60 s while the run goes on; poll again (no
+    second log stream) until the run ends or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    stream = True
+    while True:
+        try:
+            return ctl.wait(run_id, timeout=max(1.0, deadline - time.monotonic()), stream=stream)
+        except subprocess.TimeoutExpired as exc:
+            if time.monotonic() > deadline:
+                raise
+            print(f"m2diff simulate: {exc}; polling again", flush=True)
+            stream = False
 
 
 def _evaluate(model: Any, cfg: DictConfig, site: Any, device: Any, rnd: int) -> list[dict[str, Any]]:
