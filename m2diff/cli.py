@@ -13,8 +13,6 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from omegaconf import DictConfig
-
 from m2diff.config import ConfigError, compose, group_options
 
 
@@ -32,6 +30,7 @@ class Command:
     section: str | None = None  # bare keys of this config section need no prefix
     aliases: dict[str, str] = field(default_factory=dict)  # key -> override key
     keys: tuple[str, ...] = ()  # settings worth listing in --help
+    sweep: bool = False  # function(overrides: list[str], args) gets the words uncomposed (multirun)
 
 
 COMMANDS: dict[str, Command] = {
@@ -99,12 +98,25 @@ COMMANDS: dict[str, Command] = {
         ),
         Command(
             "simulate",
-            "Simulate a whole federation on this machine (Flower simulation engine).",
+            "Simulate a whole federation on this machine (Flower simulation engine); -m: sweep (bench).",
             "m2diff.simulate:run_simulate",
             aliases={"mode": "fl.mode", "rounds": "fl.rounds", "sites": "fl.sites"},
-            keys=("fl.mode=federated|centralized|local", "fl.rounds", "fl.sites",
+            keys=("fl.mode=federated|centralized|local|all", "fl.rounds", "fl.sites",
                   "fl.strategy", "train.steps", "model", "out", "fl.num_cpus",
                   "fl.num_gpus", "fl.ray_address"),
+        ),
+        Command(
+            "bench",
+            "Sweep settings (Hydra multirun: key=a,b); federated vs centralised vs local per site.",
+            "m2diff.bench.command:run_bench",
+            args={"plan": "true: list the runs and which are done; run nothing"},
+            aliases={"mode": "fl.mode", "rounds": "fl.rounds", "sites": "fl.sites"},
+            keys=("fl.mode=federated,centralized,local (default) | all", "out (default runs/bench)",
+                  "model", "fl.strategy", "privacy", "fl.rounds", "train.steps",
+                  "generate=tiny|default|realistic|realistic_tiny", "generate.sites",
+                  "generate.subjects", "generate.dose", "generate.psf_mm", "generate.t1_contrast",
+                  "generate.ad_fraction", "generate.label_skew", "fl.ray_address"),
+            sweep=True,
         ),
     ]
 }
@@ -161,7 +173,7 @@ def split_words(cmd: Command, words: Sequence[str]) -> tuple[list[str], dict[str
     return overrides, args
 
 
-def _resolve(target: str) -> Callable[[DictConfig, dict[str, str]], int]:
+def _resolve(target: str) -> Callable[..., int]:
     module, _, func = target.partition(":")
     return getattr(importlib.import_module(module), func)
 
@@ -172,6 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_usage())
         return 0
     name, words = argv[0], argv[1:]
+    if name == "simulate" and any(w in ("-m", "--multirun") for w in words):
+        # Hydra's multirun flag: the bench sweeps
+        name, words = "bench", [w for w in words if w not in ("-m", "--multirun")]
     cmd = COMMANDS.get(name)
     if cmd is None:
         print(f"m2diff: unknown command '{name}'\n\n{_usage()}", file=sys.stderr)
@@ -181,6 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         overrides, args = split_words(cmd, words)
+        if cmd.sweep:
+            return int(_resolve(cmd.target)(overrides, args) or 0)
         cfg = compose(overrides)
         return int(_resolve(cmd.target)(cfg, args) or 0)
     except (UsageError, ConfigError) as exc:

@@ -12,6 +12,13 @@ its default (200 steps x 3 rounds x 3 sites take ~10 min on 2 busy cores). Then:
 - ``fl.mode=centralized``: pooled training subjects of all sites, the same total number of
   optimiser steps as the federation (rounds x steps x sites), no Flower.
 - ``fl.mode=local``: each site alone for rounds x steps, no Flower.
+- ``fl.mode=all``: the three above on the same sites and budget (``<out>/<mode>``), then one
+  table with the LD input, federated, centralised and local rows per site and cohort
+  (``<out>/compare.csv`` / ``compare.md``). ``m2diff bench`` sweeps settings (m2diff/bench/).
+
+With ``privacy=dp`` centralised and local training are DP-SGD too (Opacus, the noise for
+their own number of steps), and their rows carry the epsilon spent; client-level DP
+(``privacy=central_dp``) protects sites of a federation and has no meaning without one.
 
 Each ends with the same table: per site and cohort, PSNR / SSIM / NMSE / SUVR bias of the
 LD input and of the trained model on the site's held-out test subjects.
@@ -50,23 +57,43 @@ def generate_cfg(cfg: DictConfig) -> DictConfig:
     return gen
 
 
-def ensure_sites(cfg: DictConfig) -> list[Path]:
-    """``data.path`` folders when given, else the generated sites (generated when missing)."""
+STAMP = ".m2diff-generate.json"  # in generate.out: the settings its sites were generated with
+
+
+def generation_key(gen: DictConfig, seed: int) -> dict[str, Any]:
+    """What decides the generated voxels: the generator settings (minus where and with how
+    many workers) and the seed; stored beside generated sites and compared on reuse."""
+    plain = OmegaConf.to_container(gen, resolve=True)
+    assert isinstance(plain, dict)
+    return {"seed": int(seed), **{k: v for k, v in plain.items() if k not in ("out", "workers")}}
+
+
+def ensure_sites(cfg: DictConfig, gen: DictConfig | None = None) -> list[Path]:
+    """``data.path`` folders when given, else the generated sites of ``gen`` (default
+    ``generate_cfg(cfg)``), generated when missing. Sites generated with other settings
+    (``STAMP``) are never reused: ConfigError names the folder."""
     if cfg.data.get("path"):
         from m2diff.data.check import site_paths
 
         return site_paths(cfg.data.path)
-    gen = generate_cfg(cfg)
+    from m2diff.data.simulate.cohort import generate_sites, plan_sites
+    from m2diff.data.simulate.settings import read_settings
+    from m2diff.report import write_json
+
+    gen = generate_cfg(cfg) if gen is None else gen
     out = resolve_path(gen.out)
     assert out is not None
-    profiles = list(gen.site_profiles)
-    expected = [out / str(profiles[i % len(profiles)]["name"]) for i in range(int(gen.sites))]
+    key = generation_key(gen, int(cfg.seed))
+    if (out / STAMP).is_file() and json.loads((out / STAMP).read_text()) != key:
+        raise ConfigError(f"{out} holds sites generated with other generate.* settings or seed "
+                          f"(see {out / STAMP}); pass generate.out=ANOTHER_DIR or remove it")
+    expected = [out / plan.name for plan in plan_sites(read_settings(gen), int(cfg.seed))]
     if all((p / "participants.tsv").is_file() for p in expected):
         return expected
-    from m2diff.data.simulate.cohort import generate_sites
-
     print(f"m2diff simulate: generating {gen.sites} sites under {out}", flush=True)
-    return list(generate_sites(gen, out, seed=int(cfg.seed), progress=True))
+    sites = list(generate_sites(gen, out, seed=int(cfg.seed), progress=True))
+    write_json(out / STAMP, key)
+    return sites
 
 
 # ----------------------------------------------------------------------------- config
@@ -161,7 +188,7 @@ def run_federated(cfg: DictConfig, sites: list[Path], out: Path) -> list[dict[st
         run_id = ctl.submit(REPO, run_config, federation)
         print(f"m2diff simulate: Flower run {run_id}: {len(sites)} virtual sites, "
               f"{cfg.fl.rounds} rounds x {cfg.train.steps} steps", flush=True)
-        row = ctl.wait(run_id, timeout=float(cfg.fl.rounds) * float(cfg.fl.round_timeout) + 600)
+        row = _wait(ctl, run_id, float(cfg.fl.rounds) * float(cfg.fl.round_timeout) + 600)
         ok, text = run_outcome(row)
         traffic = row.get("network-traffic", {})
         print(f"m2diff simulate: run {run_id} {text} in {row.get('elapsed', 0):.0f} s "
@@ -174,6 +201,22 @@ def run_federated(cfg: DictConfig, sites: list[Path], out: Path) -> list[dict[st
     rows = json.loads((out / "rounds.json").read_text()) if (out / "rounds.json").is_file() else []
     last = max((int(r["round"]) for r in rows), default=0)
     return [r for r in rows if int(r["round"]) == last]
+
+
+def _wait(ctl: Any, run_id: int, timeout: float) -> dict[str, Any]:
+    """``Federation.wait`` that survives a slow ``flwr ls``: on a busy machine (many sites,
+    niced processes) one poll can take over its 60 s while the run goes on; poll again (no
+    second log stream) until the run ends or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    stream = True
+    while True:
+        try:
+            return ctl.wait(run_id, timeout=max(1.0, deadline - time.monotonic()), stream=stream)
+        except subprocess.TimeoutExpired as exc:
+            if time.monotonic() > deadline:
+                raise
+            print(f"m2diff simulate: {exc}; polling again", flush=True)
+            stream = False
 
 
 def _evaluate(model: Any, cfg: DictConfig, site: Any, device: Any, rnd: int) -> list[dict[str, Any]]:
@@ -189,6 +232,28 @@ def _evaluate(model: Any, cfg: DictConfig, site: Any, device: Any, rnd: int) -> 
     return metric_rows(rnd, site.name, site_metrics(rows, method=str(cfg.model.arch)))
 
 
+def _train(model: Any, slices: Any, cfg: DictConfig, steps: int, device: Any) -> tuple[Any, float | None]:
+    """``train_steps`` for ``steps`` steps; with ``privacy=dp`` DP-SGD whose noise (from
+    ``privacy.target_epsilon`` when set) is planned for exactly these steps. Returns the
+    TrainResult and the epsilon spent (None without sample-level DP)."""
+    import torch
+
+    from m2diff.train import make_optimizer, train_steps
+
+    if str(cfg.privacy.get("kind", "none")) != "dp":
+        return train_steps(model, slices, cfg, steps, device=device, progress=True), None
+    from m2diff.privacy import epsilon, make_private
+
+    planned = cfg.copy()
+    planned.fl.rounds, planned.train.steps = steps, 1  # noise_multiplier plans rounds x steps
+    private, optimizer, loader, engine = make_private(
+        model, make_optimizer(model, cfg.train), slices, planned,
+        generator=torch.Generator().manual_seed(int(cfg.seed)))
+    result = train_steps(private, slices, cfg, steps, optimizer=optimizer, device=device,
+                         progress=True, loader=loader)
+    return result, epsilon(engine, float(cfg.privacy.delta))
+
+
 def run_without_flower(cfg: DictConfig, sites: list[Path], out: Path) -> list[dict[str, Any]]:
     """``fl.mode=centralized`` (pooled) or ``local`` (each site alone) with m2diff.train."""
     import torch
@@ -197,7 +262,8 @@ def run_without_flower(cfg: DictConfig, sites: list[Path], out: Path) -> list[di
     from m2diff.data.dataset import SliceSet, load_slices
     from m2diff.data.validate import validate_site
     from m2diff.model import build_model
-    from m2diff.train import resolve_device, train_steps
+    from m2diff.report import write_json
+    from m2diff.train import resolve_device
 
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
@@ -215,7 +281,7 @@ def run_without_flower(cfg: DictConfig, sites: list[Path], out: Path) -> list[di
         name = "pooled" if len(group) > 1 else group[0].name
         print(f"m2diff simulate: {cfg.fl.mode} training on {name}: {total} steps, "
               f"{len(slices)} slices", flush=True)
-        result = train_steps(model, slices, cfg, total, device=device, progress=True)
+        result, eps = _train(model, slices, cfg, total, device)
         # EMA weights for evaluation, like m2diff train's checkpoint.
         eval_model = model
         if result.ema is not None:
@@ -223,16 +289,52 @@ def run_without_flower(cfg: DictConfig, sites: list[Path], out: Path) -> list[di
         save_checkpoint(out / f"checkpoint-{name}.pt", eval_model, cfg, steps=total)
         targets = usable if cfg.fl.mode == "centralized" else group
         for site in targets:
-            rows += _evaluate(eval_model, cfg, site, device, rounds)
-    (out / "rows.json").write_text(json.dumps(rows, indent=1))
+            site_rows = _evaluate(eval_model, cfg, site, device, rounds)
+            if eps is not None:  # what this model's training cost in privacy (sample level)
+                for row in site_rows:
+                    row["train_dp_epsilon"] = eps
+            rows += site_rows
+    write_json(out / "rows.json", rows)
     return rows
+
+
+def run_mode(cfg: DictConfig, sites: list[Path], out: Path) -> list[dict[str, Any]]:
+    """One of ``fl.mode`` federated | centralized | local into ``out``: its table rows
+    (m2diff.fedutil.metric_rows). Raises server.flwrctl.FlowerError when a federation fails."""
+    if str(cfg.fl.mode) == "federated":
+        return run_federated(cfg, sites, out)
+    return run_without_flower(cfg, sites, out)
+
+
+def run_all(cfg: DictConfig, sites: list[Path], out: Path, start: float) -> int:
+    """``fl.mode=all``: federated, centralised and local on the same sites and budget, one
+    table (also ``<out>/compare.csv`` and ``compare.md``)."""
+    from m2diff.bench.summary import compare_rows, write_compare
+    from m2diff.report import print_table
+    from server.flwrctl import FlowerError
+
+    results: dict[str, list[dict[str, Any]]] = {}
+    for mode in ("federated", "centralized", "local"):
+        run = cfg.copy()
+        run.fl.mode = mode
+        try:
+            results[mode] = run_mode(run, sites, out / mode)
+        except FlowerError as exc:
+            print(f"m2diff simulate: {mode}: {exc}", flush=True)
+            results[mode] = []
+    table = compare_rows(results)
+    write_compare(out, table)
+    print_table(table, f"federated vs centralized vs local: held-out test subjects per site and "
+                f"cohort, same budget ({out})", table_columns(table))
+    print(f"m2diff simulate: all modes done in {time.perf_counter() - start:.0f} s; results in {out}")
+    return 0 if all(results.values()) else 1
 
 
 def run_simulate(cfg: DictConfig, args: dict[str, str]) -> int:
     """CLI entry (see module doc); exit status 0 on success, 1 when the run failed."""
     mode = str(cfg.fl.mode)
-    if mode not in ("federated", "centralized", "local"):
-        raise ConfigError(f"fl.mode={mode}: choose federated, centralized or local")
+    if mode not in ("federated", "centralized", "local", "all"):
+        raise ConfigError(f"fl.mode={mode}: choose federated, centralized, local or all")
     start = time.perf_counter()
     if int(cfg.train.steps) == int(compose([]).train.steps):
         cfg.train.steps = SIM_STEPS
@@ -241,6 +343,8 @@ def run_simulate(cfg: DictConfig, args: dict[str, str]) -> int:
     sites = ensure_sites(cfg)
     out = resolve_path(cfg.out)
     assert out is not None
+    if mode == "all":
+        return run_all(cfg, sites, out, start)
     out = out / mode
     if mode == "federated":
         from server.flwrctl import FlowerError

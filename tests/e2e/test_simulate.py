@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -30,6 +31,32 @@ def test_simulate_federated_smallest(tmp_path, tiny_sites):
     assert {r["site"] for r in rows} == {p.name for p in tiny_sites}
     assert "federated" in proc.stdout and "LD input" in proc.stdout
     assert (tmp_path / "federated" / "checkpoint.pt").is_file()
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_simulate_all_modes_one_table(tmp_path, tiny_sites):
+    """``fl.mode=all``: the federation (real Flower simulation), centralised and local training
+    on the same sites and budget, one table with the LD input first per site and cohort.
+    Asserts everything test_simulate_federated_smallest does, so that one can go."""
+    data = "data.path=[" + ",".join(str(p) for p in tiny_sites) + "]"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "m2diff.cli", "simulate", data, "fl.mode=all",
+                           f"out={tmp_path}", *SMALL], capture_output=True, text=True,
+                          timeout=480, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "federated" / "rounds.json").read_text())
+    assert {r["site"] for r in rows} == {p.name for p in tiny_sites}
+    assert (tmp_path / "federated" / "checkpoint.pt").is_file()
+    for mode in ("centralized", "local"):
+        assert {r["site"] for r in json.loads((tmp_path / mode / "rows.json").read_text())} == \
+            {p.name for p in tiny_sites}
+    with open(tmp_path / "compare.csv", newline="") as fh:
+        table = list(csv.DictReader(fh))
+    for site in tiny_sites:
+        methods = [r["method"] for r in table if r["site"] == site.name and r["cohort"] == "ALL"]
+        assert methods == ["LD input", "federated", "centralized", "local"]
+    assert "federated vs centralized vs local" in proc.stdout and "LD input" in proc.stdout
 
 
 @pytest.fixture
@@ -64,3 +91,18 @@ def test_app_bundle_is_small_and_complete():
         assert needed in names
     assert not any(n.startswith((".venv/", "data/", "runs/")) or n.endswith((".pt", ".nii.gz"))
                    for n in names)
+
+
+def test_simulate_local_and_centralised_with_sample_level_dp(tmp_path, tiny_sites, one_thread):
+    """privacy=dp without a federation: DP-SGD too, and every row says what it cost."""
+    from m2diff.cli import main
+
+    data = "data.path=[" + ",".join(str(p) for p in tiny_sites) + "]"
+    for mode in ("local", "centralized"):
+        assert main(["simulate", data, f"out={tmp_path}", f"fl.mode={mode}", "model=unet",
+                     "privacy=dp", "privacy.noise_multiplier=1.0", *SMALL]) == 0
+        rows = json.loads((tmp_path / mode / "rows.json").read_text())
+        spent = {r["site"]: r["train_dp_epsilon"] for r in rows}
+        assert set(spent) == {p.name for p in tiny_sites}
+        assert all(0 < eps < float("inf") for eps in spent.values())
+    assert len(set(spent.values())) == 1  # centralised: one model, one epsilon for every site

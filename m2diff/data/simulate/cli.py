@@ -39,7 +39,9 @@ def run_generate(cfg: DictConfig, args: dict[str, str]) -> int:
         print(f"m2diff generate: cannot write to {where}: {reason}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - start
-    n = int(cfg.generate.subjects) * len(sites)
+    from m2diff.data.simulate.settings import read_settings
+
+    n = sum(p.subjects for p in read_settings(cfg.generate).site_profiles)
     what = "raw export(s)" if raw else "site(s)"
     print(f"wrote {len(sites)} {what}, {n} subjects, to {out} in {seconds:.1f} s: "
           + ", ".join(s.name for s in sites))

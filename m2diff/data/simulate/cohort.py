@@ -62,15 +62,15 @@ class SubjectJob:
 def plan_sites(settings: Settings, seed: int) -> list[SitePlan]:
     """Site names (profiles cycled, made unique) and each site's CN/AD assignment.
 
-    A site of n subjects has round(ad_fraction * n) AD subjects (halves round up), placed
-    at random positions drawn from the site's seed stream.
+    A site of n subjects (its profile's ``subjects``) has round(ad_fraction * n) AD subjects
+    (halves round up), placed at random positions drawn from the site's seed stream.
     """
     plans, seen = [], {}
     for index in range(settings.sites):
         profile = settings.site_profiles[index % len(settings.site_profiles)]
         seen[profile.name] = seen.get(profile.name, 0) + 1
         name = profile.name if seen[profile.name] == 1 else f"{profile.name}-{seen[profile.name]}"
-        n = settings.subjects
+        n = profile.subjects
         n_ad = min(n, math.floor(profile.ad_fraction * n + 0.5))
         rng = np.random.default_rng(np.random.SeedSequence([seed, _SITE_STREAM, index]))
         is_ad = np.zeros(n, dtype=bool)
