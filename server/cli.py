@@ -165,9 +165,9 @@ def check_loopback_names(cert: Path) -> None:
 
 
 def superlink_command(args: dict[str, str], port: int, database: Path | None = None) -> list[str]:
-    """The flower-superlink command line: loopback only (``port`` is the loopback port; the
+    """The SuperLink command line (Flower's, via m2diff-flower-superlink): loopback only (``port`` is the loopback port; the
     public port is the front's)."""
-    cmd = [tool("flower-superlink"), "--host", "127.0.0.1", "--port", str(port),
+    cmd = [tool("m2diff-flower-superlink"), "--host", "127.0.0.1", "--port", str(port),
            "--disable-runtime-dependency-installation"]
     auth = auth_enabled(args)
     tls = tls_files(args)

@@ -181,7 +181,7 @@ def test_deployment_attacks_poison_restarts_and_resume(tmp_path, tiny_sites):
 
         # 5. kill the SuperLink
         link = [p for p in descendants(server.pid)
-                if b"flower-superlink" in Path(f"/proc/{p}/cmdline").read_bytes()]
+                if b"m2diff-flower-superlink" in Path(f"/proc/{p}/cmdline").read_bytes()]
         assert len(link) == 1
         os.kill(link[0], signal.SIGKILL)
         t_kill = time.monotonic()
