@@ -49,8 +49,9 @@ def _volumes(shape=(30, 26, 7)):
 
 @pytest.fixture
 def cfg():
-    c = compose(["model=unet", "sample.batch_size=3", "device=cpu"])
-    return c
+    # The LD low-pass (on by default) is off here: these tests check the model's own output;
+    # test_ld_low_frequencies_replace_the_models switches it on.
+    return compose(["model=unet", "sample.batch_size=3", "device=cpu", "sample.ld_lowpass_fwhm_mm=0"])
 
 
 def test_identity_round_trip_keeps_units(cfg):

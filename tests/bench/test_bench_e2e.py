@@ -55,7 +55,7 @@ def test_bench_sweep_federated_centralised_local_then_resume(tmp_path, tiny_site
     # A second sweep sharing two runs with the first: those are not trained again.
     capsys.readouterr()
     assert main(["bench", _data(tiny_sites), f"out={out}", *SMALL, "fl.mode=centralized,local",
-                 "train.lr=0.0001,0.0002"]) == 0
+                 "train.lr=0.001,0.002"]) == 0
     printed = capsys.readouterr().out
     assert "2 setting(s), 4 run(s), 2 already done" in printed
     assert printed.count("done before, skipped") == 2

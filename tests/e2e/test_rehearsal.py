@@ -5,8 +5,8 @@ reaches the coordinator only over the lab network, as through a hospital's outbo
 firewall. The material comes from deploy/make-certs.sh; the coordinator host runs
 ``m2diff-server`` as a coordinator does (TLS, SuperNode auth with the three hospitals' keys
 registered from ``auth-keys=``, the SuperLink on loopback, the nginx front on the lab
-address), and the hospitals run ``flower-supernode`` against the front. Two rounds of the
-tiny model run with client-level DP (Flower's DP wrapper, client-side clipping) and secure
+address), and the hospitals run ``flower-supernode`` against the front. One round of the
+tiny model runs with client-level DP (Flower's DP wrapper, client-side clipping) and secure
 aggregation (Flower's SecAgg+); a site whose key was never registered is refused, a site
 that trusts another CA cannot join, and from another host the Control API is not there
 (``flwr ls`` / ``flwr supernode register`` get 404 from the front). Without the right to
@@ -36,7 +36,7 @@ PORT = 8000
 # sites clip their own updates (Flower's clipping mod) and send them under SecAgg+ masks;
 # the server adds the noise to the unmasked mean.
 OVERRIDES = ("model=tiny train.steps=2 train.batch_size=4 sample.steps=2 device=cpu "
-             "fl.rounds=2 fl.min_sites=3 fl.sites=3 privacy=central_dp privacy.side=client "
+             "fl.rounds=1 fl.min_sites=3 fl.sites=3 privacy=central_dp privacy.side=client "
              "privacy.noise_multiplier=0.5 privacy.clipping_norm=5.0 fl.secagg.enabled=true "
              "fl.round_timeout=300")
 
@@ -56,7 +56,7 @@ def _exited(proc: subprocess.Popen, timeout: float) -> int | None:
 
 @pytest.mark.skipif(not netlab.available(), reason="cannot create network namespaces here "
                     "(needs root and iproute2); the loopback deployment test covers the rest")
-def test_three_hospitals_tls_auth_two_rounds(tmp_path, tiny_sites):
+def test_three_hospitals_tls_auth_one_round(tmp_path, tiny_sites):
     pki, other_pki, out = tmp_path / "pki", tmp_path / "other-pki", tmp_path / "out"
     with netlab.NetLab() as lab, ProcessSet(tmp_path / "procs") as procs:
         coord = lab.add("coord")
@@ -112,11 +112,13 @@ def test_three_hospitals_tls_auth_two_rounds(tmp_path, tiny_sites):
 
         assert server.wait(timeout=600) == 0, procs.log("server")[-4000:]
         rows = json.loads((out / "rounds.json").read_text())
-        assert {r["round"] for r in rows} == {1, 2}
+        assert {r["round"] for r in rows} == {1}
         assert {r["site"] for r in rows} == set(hospitals), "exactly the registered sites trained"
         eps = {r["round"]: r["central_dp_epsilon"] for r in rows}
-        assert 0 < eps[1] < eps[2], eps  # client-level epsilon accumulates over rounds
-        assert all(r["secagg"] == 1 for r in rows)  # both rounds aggregated under SecAgg+
+        # client-level epsilon spent (its growth over rounds: tests/server/test_central_dp.py;
+        # one round here: each SecAgg+ round is 4 exchanges, each a ClientApp start per site)
+        assert eps[1] > 0, eps
+        assert all(r["secagg"] == 1 for r in rows)  # aggregated under SecAgg+
         assert all(r.get("train_steps") == 2 for r in rows), rows  # every site really trained
         state = json.loads((out / "server.json").read_text())
         assert state["status"] == "finished:completed" and state["front"] == f"0.0.0.0:{PORT}"
