@@ -36,7 +36,15 @@ from m2diff.fedutil import (
 from m2diff.model import build_model
 from m2diff.report import write_json
 from server.checkpoint import SITES_FILE, RoundRecorder, load_resume, save_global
-from server.privacy import LEDGER_FILE, ClientLevelAccountant, central_dp_settings, wrap_central_dp
+from server.privacy import (
+    LEDGER_FILE,
+    ClientLevelAccountant,
+    central_dp_settings,
+    noise_to_update,
+    noise_warning,
+    sampling,
+    wrap_central_dp,
+)
 from server.rounds import RoundTiming, run_rounds
 from server.secagg import SecureTrainPhase, check_secagg, secagg_settings
 from server.strategy import SiteAwareMixin, build_strategy, parse_registered
@@ -124,6 +132,11 @@ def main(grid: Grid, context: Context) -> None:
         runner = wrap_central_dp(strategy, cfg.privacy, cfg.fl, ledger)
         log(INFO, "central DP: %s; epsilon so far %.4g", central_dp_settings(cfg.privacy),
             ledger.epsilon())
+        weights = sum(int(a.numel()) for a in model.state_dict().values() if a.is_floating_point())
+        warning = noise_warning(noise_to_update(cfg.privacy, cfg.fl, weights), weights,
+                                sampling(cfg.privacy, cfg.fl)[0])
+        if warning:
+            log(WARNING, "central DP: %s", warning)
     train_phase: SecureTrainPhase | None = None
     if bool(cfg.fl.secagg.enabled):
         # SecAgg+: the coordinator only ever sees the sum of the sites' masked updates.

@@ -290,6 +290,27 @@ def wrap_central_dp(site: SiteAwareMixin, privacy: DictConfig, fl: DictConfig,
     return wrapper
 
 
+def noise_to_update(privacy: DictConfig, fl: DictConfig, num_weights: int) -> float:
+    """Expected norm of the Gaussian noise Flower adds to the mean update, in units of the
+    largest mean update the clipping allows: ``noise_multiplier * sqrt(num_weights) /
+    num_sampled_clients``. Above 1 the noise outweighs any update: the tiny model (0.62 M
+    weights) at the default noise multiplier 1 needs ~800 sites per round to get below it."""
+    sampled, _ = sampling(privacy, fl)
+    return float(privacy.noise_multiplier) * math.sqrt(num_weights) / sampled
+
+
+def noise_warning(ratio: float, num_weights: int, sampled: int) -> str | None:
+    """The loud warning for ``noise_to_update`` > 1 (None below)."""
+    if ratio <= 1:
+        return None
+    return (f"client-level DP noise is {ratio:.3g} x the largest possible mean update "
+            f"(noise_multiplier x sqrt({num_weights} weights) / {sampled} sites per round): "
+            "each round replaces the model's progress with noise and the global model will be "
+            "worse than its start, whatever the budget. Client-level DP needs hundreds of sites "
+            "per round for a model of this size; with a few hospitals use privacy=dp "
+            "(sample-level, per site) instead")
+
+
 def central_dp_settings(privacy: Mapping[str, Any]) -> str:
     """One log line of the settings."""
     return ", ".join(f"{k}={privacy.get(k)}" for k in
