@@ -135,8 +135,11 @@ def main(grid: Grid, context: Context) -> None:
         weights = sum(int(a.numel()) for a in model.state_dict().values() if a.is_floating_point())
         warning = noise_warning(noise_to_update(cfg.privacy, cfg.fl, weights), weights,
                                 sampling(cfg.privacy, cfg.fl)[0])
+        if warning and not bool(cfg.privacy.get("allow_noise_dominated", False)):
+            raise ValueError(f"privacy=central_dp refused: {warning}; "
+                             "privacy.allow_noise_dominated=true runs it anyway")
         if warning:
-            log(WARNING, "central DP: %s", warning)
+            log(WARNING, "central DP (privacy.allow_noise_dominated=true): %s", warning)
     train_phase: SecureTrainPhase | None = None
     if bool(cfg.fl.secagg.enabled):
         # SecAgg+: the coordinator only ever sees the sum of the sites' masked updates.

@@ -37,6 +37,7 @@ PORT = 8000
 # the server adds the noise to the unmasked mean.
 OVERRIDES = ("model=tiny train.steps=2 train.batch_size=4 sample.steps=2 device=cpu "
              "fl.rounds=1 fl.min_sites=3 fl.sites=3 privacy=central_dp privacy.side=client "
+             "privacy.allow_noise_dominated=true "
              "privacy.noise_multiplier=0.5 privacy.clipping_norm=5.0 fl.secagg.enabled=true "
              "fl.round_timeout=300")
 

@@ -189,6 +189,7 @@ def test_client_level_dp_on_top_noises_the_secure_mean(tiny_sites):
     from server.privacy import ClientLevelAccountant, wrap_central_dp
 
     overrides = OVERRIDES + (" privacy=central_dp privacy.side=client privacy.noise_multiplier=0.5"
+                             " privacy.allow_noise_dominated=true"
                              " privacy.clipping_norm=0.001 fl.secagg.enabled=true")
     cfg = compose(overrides.split())
     check_secagg(cfg)

@@ -55,7 +55,7 @@ def test_a_central_dp_run_is_not_resumed_without_its_ledger(tmp_path):
     from tests.server.test_poisoning import ReplyGrid, honest
 
     overrides = ("model=tiny fl.rounds=2 fl.min_sites=2 fl.sites=2 device=cpu privacy=central_dp "
-                 "privacy.noise_multiplier=1.0")
+                 "privacy.allow_noise_dominated=true privacy.noise_multiplier=1.0")
     cfg = compose(overrides.split())
     save_global(tmp_path, build_model(cfg.model), cfg, 1)  # round 1 done, central_dp.json lost
     from flwr.app import Context
@@ -75,5 +75,29 @@ def test_a_central_dp_run_is_not_resumed_without_its_ledger(tmp_path):
 
         history = json.loads((tmp_path / "central_dp.json").read_text())["history"]
         assert [int(r[0]) for r in history] == [1, 2]
+    finally:
+        TaskIdentity._run_id = TaskIdentity._node_id = TaskIdentity._task_id = None
+
+
+def test_central_dp_whose_noise_drowns_every_update_is_refused(tmp_path):
+    """``privacy=central_dp`` with its defaults on a few sites: the noise (1 x sqrt(0.62 M) / 2
+    = ~390 x the largest mean update) would replace the model with noise (measured: site-a
+    34.6 -> 25.8 dB on the main job's sites). The ServerApp refuses before any site is asked,
+    naming the numbers and the way out."""
+    from flwr.app import Context
+
+    from server.app import app
+    from tests.server.test_poisoning import ReplyGrid, honest
+
+    overrides = "model=tiny fl.rounds=1 fl.min_sites=2 fl.sites=2 device=cpu privacy=central_dp"
+    ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                  run_config={"out-dir": str(tmp_path), "overrides": overrides})
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    try:
+        grid = ReplyGrid({1: honest(1), 2: honest(2)})
+        with pytest.raises(ValueError, match=r"privacy=central_dp refused: client-level DP noise is "
+                                             r"\d+ x the largest possible mean update.*privacy=dp"):
+            app(grid, ctx)  # type: ignore[arg-type]
+        assert grid.sent == []
     finally:
         TaskIdentity._run_id = TaskIdentity._node_id = TaskIdentity._task_id = None
