@@ -40,9 +40,7 @@ from server.privacy import (
     LEDGER_FILE,
     ClientLevelAccountant,
     central_dp_settings,
-    noise_to_update,
-    noise_warning,
-    sampling,
+    refuse_drowned_updates,
     wrap_central_dp,
 )
 from server.rounds import RoundTiming, run_rounds
@@ -133,11 +131,7 @@ def main(grid: Grid, context: Context) -> None:
         log(INFO, "central DP: %s; epsilon so far %.4g", central_dp_settings(cfg.privacy),
             ledger.epsilon())
         weights = sum(int(a.numel()) for a in model.state_dict().values() if a.is_floating_point())
-        warning = noise_warning(noise_to_update(cfg.privacy, cfg.fl, weights), weights,
-                                sampling(cfg.privacy, cfg.fl)[0])
-        if warning and not bool(cfg.privacy.get("allow_noise_dominated", False)):
-            raise ValueError(f"privacy=central_dp refused: {warning}; "
-                             "privacy.allow_noise_dominated=true runs it anyway")
+        warning = refuse_drowned_updates(cfg.privacy, cfg.fl, weights)
         if warning:
             log(WARNING, "central DP (privacy.allow_noise_dominated=true): %s", warning)
     train_phase: SecureTrainPhase | None = None

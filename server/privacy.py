@@ -299,16 +299,23 @@ def noise_to_update(privacy: DictConfig, fl: DictConfig, num_weights: int) -> fl
     return float(privacy.noise_multiplier) * math.sqrt(num_weights) / sampled
 
 
-def noise_warning(ratio: float, num_weights: int, sampled: int) -> str | None:
-    """The loud warning for ``noise_to_update`` > 1 (None below)."""
+def refuse_drowned_updates(privacy: DictConfig, fl: DictConfig, num_weights: int) -> str | None:
+    """Raise ValueError when ``noise_to_update`` > 1 and ``privacy.allow_noise_dominated`` is
+    not set; with it set, return the warning to log (None when the noise is below 1)."""
+    sampled, _ = sampling(privacy, fl)
+    ratio = noise_to_update(privacy, fl, num_weights)
     if ratio <= 1:
         return None
-    return (f"client-level DP noise is {ratio:.3g} x the largest possible mean update "
+    text = (f"client-level DP noise is {ratio:.3g} x the largest possible mean update "
             f"(noise_multiplier x sqrt({num_weights} weights) / {sampled} sites per round): "
             "each round replaces the model's progress with noise and the global model will be "
             "worse than its start, whatever the budget. Client-level DP needs hundreds of sites "
             "per round for a model of this size; with a few hospitals use privacy=dp "
             "(sample-level, per site) instead")
+    if not bool(privacy.get("allow_noise_dominated", False)):
+        raise ValueError(f"privacy=central_dp refused: {text}; "
+                         "privacy.allow_noise_dominated=true runs it anyway")
+    return text
 
 
 def central_dp_settings(privacy: Mapping[str, Any]) -> str:

@@ -202,17 +202,20 @@ def test_zero_update_passes_the_client_clipping_mod(clipping):
 
 def test_noise_that_outweighs_any_update_is_named():
     """The default client-level DP of a 3-site federation drowns the tiny model (0.62 M
-    weights): noise norm 1 x sqrt(0.62 M) / 3 = ~260 x the largest mean update. Said loudly,
-    with the numbers; a federation large enough for the noise stays quiet."""
-    from server.privacy import noise_to_update, noise_warning
+    weights): noise norm 1 x sqrt(0.62 M) / 3 = ~260 x the largest mean update. Refused with
+    the numbers unless allowed (then the same words are the warning); a federation large
+    enough for the noise passes quietly."""
+    from server.privacy import noise_to_update, refuse_drowned_updates
 
     privacy = OmegaConf.create({"noise_multiplier": 1.0, "num_sampled_clients": None,
-                                "population": None})
+                                "population": None, "allow_noise_dominated": False})
     fl = OmegaConf.create({"sites": 3, "fraction_train": 1.0, "min_sites": 3})
-    ratio = noise_to_update(privacy, fl, 620_000)
-    assert ratio == pytest.approx(np.sqrt(620_000) / 3)
-    text = noise_warning(ratio, 620_000, 3)
-    assert text and "262 x the largest possible mean update" in text and "privacy=dp" in text
+    assert noise_to_update(privacy, fl, 620_000) == pytest.approx(np.sqrt(620_000) / 3)
+    with pytest.raises(ValueError, match="262 x the largest possible mean update.*privacy=dp"):
+        refuse_drowned_updates(privacy, fl, 620_000)
+    privacy.allow_noise_dominated = True
+    assert "262 x the largest" in refuse_drowned_updates(privacy, fl, 620_000)
     big = OmegaConf.create({"sites": 1000, "fraction_train": 1.0, "min_sites": 3})
     assert noise_to_update(privacy, big, 620_000) < 1
-    assert noise_warning(noise_to_update(privacy, big, 620_000), 620_000, 1000) is None
+    privacy.allow_noise_dominated = False
+    assert refuse_drowned_updates(privacy, big, 620_000) is None
