@@ -396,14 +396,19 @@ class Coordinator:
         self.save(front_pid=self.front.proc.pid if self.front.proc else None)
         self.say(describe(self.front_settings))
 
-    def restart_front(self) -> None:
+    def count_restart(self, what: str, code: int | None, counter: str) -> bool:
+        """Count one restart of ``what`` (the front and the SuperLink share the ``restarts=``
+        budget) in ``state[counter]``, say so; True while within the budget."""
         self.restarts += 1
-        self.state["front_restarts"] = int(self.state["front_restarts"]) + 1
+        self.state[counter] = int(self.state[counter]) + 1
         limit = int(self.args.get("restarts", 3))
-        self.say(f"the TLS front (nginx) exited (status {self.front.returncode}); "
-                 f"{'restarting it' if self.restarts <= limit else 'giving up'} "
+        within = self.restarts <= limit
+        self.say(f"{what} exited (status {code}); {'restarting it' if within else 'giving up'} "
                  f"({self.restarts}/{limit} restarts)", err=True)
-        if self.restarts > limit:
+        return within
+
+    def restart_front(self) -> None:
+        if not self.count_restart("the TLS front (nginx)", self.front.returncode, "front_restarts"):
             raise FlowerError(f"the front died; {self.restarts} restarts in all; see "
                               f"{self.logs.folder / 'front.log'}")
         self.start_front()
@@ -439,16 +444,10 @@ class Coordinator:
 
     def restart_link(self) -> None:
         assert self.link is not None
-        code = self.link.returncode
-        self.restarts += 1
-        self.state["superlink_restarts"] = int(self.state["superlink_restarts"]) + 1
-        limit = int(self.args.get("restarts", 3))
-        self.say(f"the SuperLink exited (status {code}); "
-                 f"{'restarting it' if self.restarts <= limit else 'giving up'} "
-                 f"({self.restarts}/{limit} restarts)", err=True)
+        within = self.count_restart("the SuperLink", self.link.returncode, "superlink_restarts")
         self.stop_streamer()
         stop_pids(self.family)  # its superexec and ServerApp, orphaned
-        if self.restarts > limit:
+        if not within:
             raise FlowerError(f"the SuperLink died {self.restarts} times; see "
                               f"{self.logs.folder / 'superlink.log'}")
         self.start_link()
