@@ -18,7 +18,10 @@ and a message the site does not answer gets an error reply with a fixed code onl
 
 from __future__ import annotations
 
+import os
+import sys
 import time
+from pathlib import Path
 
 import torch
 from flwr.app import (
@@ -36,16 +39,18 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 
-from client.privacy import dp_train
 from client.secagg import secagg_mod
 from client.site import SiteRun
 from client.site_errors import SitePolicyError, site_errors_mod
 from client.site_policy import SitePolicy, check_privacy, run_privacy
+from client.transport import transport_mod
 from m2diff.data.dataset import load_slices
-from m2diff.evaluate import evaluate_subjects, site_metrics
 from m2diff.fedutil import add_proximal_term
 from m2diff.model import unwrap_model
 from m2diff.train import make_optimizer, train_steps
+
+# Flower starts a fresh ClientApp process for every message: what only one kind of message
+# needs (Opacus for privacy=dp, the metrics for evaluate) is imported inside its handler.
 
 
 def site_policy_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -100,8 +105,9 @@ def central_dp_mod(msg: Message, context: Context, call_next: ClientAppCallable)
 
 # Fixed-code errors outermost, then the SecAgg+ requirement; SecAgg+ next: the clipping mod
 # (and train) run inside its masked-vector stage, so a site's update is clipped before it is
-# masked.
-app = ClientApp(mods=[site_errors_mod, site_policy_mod, secagg_mod, central_dp_mod])
+# masked. Packed weights (client/transport.py) are unpacked before clipping sees them.
+app = ClientApp(mods=[site_errors_mod, site_policy_mod, secagg_mod, transport_mod,
+                      central_dp_mod])
 
 
 def _reply(msg: Message, run: SiteRun, metrics: dict[str, float],
@@ -112,6 +118,20 @@ def _reply(msg: Message, run: SiteRun, metrics: dict[str, float],
         # The bare model's names (no Opacus "_module." prefix): what the server sent.
         content["arrays"] = ArrayRecord(unwrap_model(model).state_dict())
     return Message(content=content, reply_to=msg)
+
+
+def process_seconds() -> float:
+    """Seconds since this ``flwr-clientapp`` process started (the interpreter, the imports and
+    the message's transfer from the SuperNode), Linux only; 0.0 elsewhere and in simulation,
+    where one long-lived worker runs every message."""
+    if "clientapp" not in Path(sys.argv[0]).name:
+        return 0.0
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))  # field 22: start
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 REQUIRE_PRIVACY_KEY = "require-privacy"  # node config: the privacy a hospital insists on
@@ -137,6 +157,7 @@ def _optimizer(model: torch.nn.Module, run: SiteRun, mu: float) -> torch.optim.O
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """``cfg.train.steps`` optimiser steps on the site's train subjects from the global model."""
+    started = process_seconds()
     start = time.perf_counter()
     run = SiteRun.open(context)  # checks the overrides, caps and privacy policy
     run.subjects("train")  # min-split-subjects
@@ -149,16 +170,20 @@ def train(msg: Message, context: Context) -> Message:
     # The raw weights are what FedAvg averages; a per-round EMA restarted from the global
     # model would only lag behind it, so the site keeps none.
     run.cfg.train.ema_decay = 0.0
-    ready = time.perf_counter()
     optimizer = _optimizer(model, run, float(config.get("proximal-mu", 0.0)))
     dp_metrics: dict[str, float] = {}
     if run_privacy(run.cfg) == "dp":
+        from client.privacy import dp_train  # Opacus: only in privacy=dp runs
+
         # DP-SGD; a site whose privacy budget is spent replies with the weights it received.
         model, result, dp_metrics = dp_train(context, run, model, slices, optimizer,
                                              seed=int(run.cfg.seed) * 1000 + server_round)
     else:
         result = train_steps(model, slices, run.cfg, steps=int(run.cfg.train.steps),
                              optimizer=optimizer, device=run.device, progress=False)
+    # From the handler's start to the first training step (the loop's own time taken out).
+    trained_s = float(result.seconds) if result is not None else 0.0
+    setup_s = time.perf_counter() - start - trained_s
     if str(context.node_config.get("test-fault", "")) == "nan":
         # Fault injection for tests only: a broken site the server must reject.
         with torch.no_grad():
@@ -168,8 +193,9 @@ def train(msg: Message, context: Context) -> Message:
         "num-examples": int(result.num_examples) if result is not None else len(slices),
         "train_loss": float(result.loss) if result is not None else 0.0,
         "train_steps": int(result.steps) if result is not None else 0,
-        "train_seconds": float(result.seconds) if result is not None else 0.0,
-        "setup_seconds": float(ready - start),
+        "train_seconds": trained_s,
+        "setup_seconds": float(setup_s),
+        "process_seconds": started,  # before this handler ran (0.0 in simulation)
         **dp_metrics,
     }
     return _reply(msg, run, metrics, model.cpu())
@@ -178,6 +204,8 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Metrics of the LD input and the global model on the site's test subjects, per cohort."""
+    from m2diff.evaluate import evaluate_subjects, site_metrics  # (see the imports above)
+
     start = time.perf_counter()
     run = SiteRun.open(context)  # the same policy as train: no answer in runs it refuses
     test = run.subjects("test")

@@ -171,6 +171,8 @@ def metric_rows(
     for cohort, values in split_site_metrics(metrics).items():
         row: dict[str, Any] = {"round": round_, "site": site, "cohort": cohort.upper()}
         row.update(values)
+        if "eval_seconds" in metrics:  # the site's own evaluation time (not per cohort)
+            row["eval_seconds"] = float(metrics["eval_seconds"])
         for key, value in (train or {}).items():
             row[f"train_{key}" if not key.startswith("train") else key] = value
         rows.append(row)

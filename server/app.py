@@ -35,6 +35,7 @@ from m2diff.fedutil import (
 )
 from m2diff.model import build_model
 from m2diff.report import write_json
+from m2diff.transport import check_transport
 from server.checkpoint import SITES_FILE, RoundRecorder, load_resume, save_global
 from server.privacy import (
     LEDGER_FILE,
@@ -77,10 +78,15 @@ def round_rows(strategy: SiteAwareMixin, rnd: int, timing: RoundTiming) -> list[
     shown = {r["site"] for r in rows}
     rows += [{"round": rnd, "site": site, "cohort": "ALL", "n": 0}
              for site in sorted(set(rejected) - shown)]
+    sites = max(1, len({r["site"] for r in rows}))
+    traffic = timing.traffic
     for row in rows:
         row.update(round_train_s=round(timing.train_s, 3),
                    round_evaluate_s=round(timing.evaluate_s, 3),
                    global_updated=int(timing.updated))
+        if traffic is not None and traffic.sent + traffic.received > 0:
+            # weights only (packed payloads, both ways), per site: the round's total / sites
+            row["round_mb_per_site"] = round((traffic.sent + traffic.received) / sites / 2**20, 4)
         if row["site"] in rejected:
             row["rejected"] = rejected[row["site"]]
     return rows
@@ -115,6 +121,7 @@ def main(grid: Grid, context: Context) -> None:
         first = resume.round + 1
         log(INFO, "resuming from %s after round %d", out / "checkpoint.pt", resume.round)
     last = int(cfg.fl.rounds)
+    transport = check_transport(cfg.fl.get("transport", "float32"))
     arrays = ArrayRecord(model.state_dict())
     state = {k: a.numpy() for k, a in arrays.items()}
     strategy = build_strategy(cfg.fl, array_spec(state), dtype_spec(state))
@@ -143,8 +150,9 @@ def main(grid: Grid, context: Context) -> None:
                                        noise=runner if ledger is not None else None)
         log(INFO, "secure aggregation (SecAgg+): %s", secagg_settings(cfg.fl.secagg))
     recorder = RoundRecorder(out, keep_until=first - 1)
-    log(INFO, "m2diff: %s, %s, rounds %d..%d, %.2f MB per model, out-dir %s",
-        cfg.model.arch, cfg.fl.strategy, first, last, arrays.count_bytes() / 2**20, out)
+    log(INFO, "m2diff: %s, %s, rounds %d..%d, %.2f MB per model (float32; travels as %s), "
+        "out-dir %s", cfg.model.arch, cfg.fl.strategy, first, last,
+        arrays.count_bytes() / 2**20, transport, out)
     if first > last:
         log(INFO, "nothing to do: checkpoint is at round %d, fl.rounds=%d", first - 1, last)
         return
@@ -176,7 +184,7 @@ def main(grid: Grid, context: Context) -> None:
 
     # FedProx puts "proximal-mu" into each train message itself.
     run_rounds(runner, grid, arrays, first, last, float(cfg.fl.round_timeout), on_round,
-               train_phase=train_phase)
+               train_phase=train_phase, transport=transport)
     last_rows = [r for r in recorder.rows if r["round"] == last]
     for line in format_site_table(last_rows).splitlines():
         log(INFO, "%s", line)

@@ -18,6 +18,7 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from server.strategy import SiteAwareMixin
+from server.transport import Traffic, send_packed
 
 
 @dataclass
@@ -29,6 +30,7 @@ class RoundTiming:
     train_s: float
     evaluate_s: float
     updated: bool = False
+    traffic: Traffic | None = None  # weights' bytes sent and received in the round
 
 
 TrainPhase = Callable[[int, ArrayRecord, Grid, ConfigRecord], "ArrayRecord | None"]
@@ -50,8 +52,11 @@ def run_rounds(
     train_config: dict | None = None,
     evaluate_config: dict | None = None,
     train_phase: TrainPhase | None = None,
+    transport: str = "float32",
 ) -> ArrayRecord:
     """Run rounds ``first_round..last_round`` (inclusive); return the final global arrays.
+
+    Weights travel packed in ``transport`` precision (server/transport.py).
 
     ``train_phase`` replaces the train phase's send + ``aggregate_train`` (secure
     aggregation, server/secagg.py): it returns the new global arrays or None to keep them.
@@ -62,12 +67,13 @@ def run_rounds(
         t0 = time.perf_counter()
         config = ConfigRecord(dict(train_config or {}))
         train_metrics = None
+        traffic = Traffic()
         if train_phase is not None:
             new_arrays = train_phase(rnd, arrays, grid, config)
         else:
-            replies = grid.send_and_receive(
-                messages=strategy.configure_train(rnd, arrays, config, grid),  # type: ignore[attr-defined]
-                timeout=timeout,
+            replies = send_packed(
+                grid, strategy.configure_train(rnd, arrays, config, grid),  # type: ignore[attr-defined]
+                transport, timeout, traffic,
             )
             new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)  # type: ignore[attr-defined]
         updated = new_arrays is not None and _finite(new_arrays)
@@ -80,14 +86,14 @@ def run_rounds(
         if train_metrics is not None:
             log(INFO, "\t└──> train: %s", train_metrics)
         t1 = time.perf_counter()
-        replies = grid.send_and_receive(
-            messages=strategy.configure_evaluate(rnd, arrays,  # type: ignore[attr-defined]
-                                                 ConfigRecord(dict(evaluate_config or {})), grid),
-            timeout=timeout,
+        replies = send_packed(
+            grid, strategy.configure_evaluate(rnd, arrays,  # type: ignore[attr-defined]
+                                              ConfigRecord(dict(evaluate_config or {})), grid),
+            transport, timeout, traffic,
         )
         eval_metrics = strategy.aggregate_evaluate(rnd, replies)  # type: ignore[attr-defined]
         if eval_metrics is not None:
             log(INFO, "\t└──> evaluate: %s", eval_metrics)
         t2 = time.perf_counter()
-        on_round(rnd, arrays, RoundTiming(rnd, t1 - t0, t2 - t1, updated))
+        on_round(rnd, arrays, RoundTiming(rnd, t1 - t0, t2 - t1, updated, traffic))
     return arrays

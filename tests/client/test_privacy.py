@@ -2,7 +2,8 @@
 
 Runs the real ClientApp (train and evaluate) on a real tiny site with a constructed
 Message and Context, then inspects every reply: its records, and the serialized bytes
-Flower would send (every nested object deflated).
+Flower would send (every nested object deflated). Both ways weights can arrive: as the
+coordinator sends them (packed by server/transport.py, float16 here) and plain.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from client.app import app
 from m2diff.data.validate import validate_site
 from m2diff.model import build_model
+from m2diff.transport import TRANSPORT_RECORD, decode, encode
+from server.transport import Traffic, _pack_all
 
 OVERRIDES = "model=tiny train.steps=2 train.batch_size=2 sample.steps=2 device=cpu"
 
@@ -40,8 +43,8 @@ def _serialized(msg: Message) -> bytes:
     return b"".join(obj.deflate() for obj in get_all_nested_objects(msg).values())
 
 
-@pytest.fixture(scope="module")
-def replies(tiny_sites, tiny_cfg):
+@pytest.fixture(scope="module", params=["packed", "plain"])
+def replies(request, tiny_sites, tiny_cfg):
     site_dir = tiny_sites[1]  # AD-heavy
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # 2 shared cores: the default oversubscribes them
@@ -51,8 +54,12 @@ def replies(tiny_sites, tiny_cfg):
     ctx = Context(run_id=1, node_id=7, node_config={"data-path": str(site_dir)},
                   state=RecordDict(), run_config={"overrides": OVERRIDES, "out-dir": ""})
     try:
-        out = {kind: app(_message(arrays, kind), ctx) for kind in (MessageType.TRAIN,
-                                                                    MessageType.EVALUATE)}
+        out = {}
+        for kind in (MessageType.TRAIN, MessageType.EVALUATE):
+            msg = _message(arrays, kind)
+            if request.param == "packed":
+                (msg,) = _pack_all([msg], "float16", Traffic())
+            out[kind] = app(msg, ctx)
     finally:
         torch.set_num_threads(threads)
     return site_dir, model, out
@@ -67,8 +74,10 @@ def test_replies_carry_only_weights_numbers_and_site_name(replies):
     for kind, reply in out.items():
         assert not reply.has_error(), f"{kind}: {reply.error.reason if reply.has_error() else ''}"
         content = reply.content
-        # Records: one metric record of numbers, the site-name config record, weights for train.
-        assert set(content.config_records) == {"site"}
+        # Records: one metric record of numbers, the site-name config record, weights for
+        # train (packed like they came: then a manifest of the model's own names beside them).
+        packed = TRANSPORT_RECORD in content.config_records
+        assert set(content.config_records) - {TRANSPORT_RECORD} == {"site"}
         assert dict(content["site"]) == {"name": site.name}
         assert len(content.metric_records) == 1
         metrics = dict(next(iter(content.metric_records.values())))
@@ -77,8 +86,13 @@ def test_replies_carry_only_weights_numbers_and_site_name(replies):
         if kind == MessageType.TRAIN:
             assert len(content.array_records) == 1
             record = next(iter(content.array_records.values()))
-            assert {k: tuple(a.shape) for k, a in record.items()} == expected
+            state = ({k: a.numpy() for k, a in record.items()} if not packed else
+                     decode({k: a.numpy() for k, a in record.items()}, content[TRANSPORT_RECORD])[0])
+            assert {k: tuple(a.shape) for k, a in state.items()} == expected
+            if packed:  # as it came: one float16 vector
+                assert set(record) == {"flat"} and record["flat"].numpy().dtype == np.float16
         else:
+            assert not packed
             assert not content.array_records
             assert {"cn_psnr", "ad_psnr", "all_psnr", "ld_all_psnr", "cn_n", "ad_n"} <= set(metrics)
         blob = _serialized(reply)
@@ -88,6 +102,12 @@ def test_replies_carry_only_weights_numbers_and_site_name(replies):
 
 def test_train_reply_moves_the_weights(replies):
     _, model, out = replies
-    record = next(iter(out[MessageType.TRAIN].content.array_records.values()))
-    before = model.state_dict()
-    assert any(not np.allclose(record[k].numpy(), before[k].numpy()) for k in before)
+    content = out[MessageType.TRAIN].content
+    record = next(iter(content.array_records.values()))
+    state = {k: a.numpy() for k, a in record.items()}
+    before = {k: v.numpy() for k, v in model.state_dict().items()}
+    if TRANSPORT_RECORD in content.config_records:
+        state, transport = decode(state, content[TRANSPORT_RECORD])
+        assert transport == "float16"
+        before = decode(*encode(before, "float16"))[0]  # what the site received
+    assert any(not np.allclose(state[k], before[k], rtol=0, atol=1e-5) for k in before)

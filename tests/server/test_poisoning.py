@@ -6,7 +6,7 @@ Grid whose sites answer every message the way a ClientApp would: three honest si
 round, one of the replies that a security review found to poison the average or crash the
 ServerApp (a weight of 1e15 or -199 or one that cancels the others, a finite 3e38 update,
 string / complex arrays, an outlier update, another site's name, a name full of markup,
-an infinite metric). Ten attackers, one per attack, join three honest sites for two rounds:
+an infinite metric, packed weights that do not unpack). Eleven attackers, one per attack, join three honest sites for two rounds:
 after every round the global model must be exactly the honest sites' weighted mean applied
 to the previous global model (every attacker dropped, nothing lost), each attacker's rows in
 rounds.json must say why, and the run must complete. A run in which no site trains fails
@@ -26,6 +26,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from m2diff.transport import TRANSPORT_RECORD, decode, encode
 from server.app import NothingTrained, app
 
 OVERRIDES = "model=tiny fl.rounds={rounds} fl.min_sites={sites} device=cpu"
@@ -87,6 +88,21 @@ def _huge(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {**arrays, key: np.full_like(arrays[key], 3e38)}  # finite float32
 
 
+def _short_packed(name: str, arrays: dict[str, np.ndarray]) -> RecordDict:
+    """A packed reply (m2diff/transport.py) whose vector is one value short of its manifest."""
+    packed, manifest = encode(arrays, "float16")
+    content = _train_content(name, {"flat": packed["flat"][:-1]}, 10)
+    content[TRANSPORT_RECORD] = ConfigRecord(manifest)
+    return content
+
+
+def received(msg: Message) -> dict[str, np.ndarray]:
+    """The weights a message carries, as a site's ClientApp sees them (packed ones unpacked)."""
+    arrays = {k: a.numpy() for k, a in msg.content["arrays"].items()}
+    record = msg.content.config_records.get(TRANSPORT_RECORD)
+    return decode(arrays, record)[0] if record is not None else arrays
+
+
 def _attack(send: Callable[[str, int, dict], RecordDict]) -> Callable[[str], Reply]:
     return lambda name: (lambda rnd, arrays: send(name, rnd, arrays))
 
@@ -111,6 +127,7 @@ ATTACKS: dict[int, tuple[Callable[[str], Reply], str]] = {
     110: (_attack(lambda n, r, a: _train_content(n, _shifted(a, r, 1e-3), 10,
                                                  {"train_loss": float("inf")})),
           "non-finite metric train_loss"),
+    111: (_attack(lambda n, r, a: _short_packed(n, a)), "missing arrays"),
 }
 NAMES = {**{n: name for n, (name, _) in HONEST.items()}, **{n: f"evil-{n - 100}" for n in ATTACKS}}
 REGISTERED = " ".join(f"{n}={name}" for n, name in NAMES.items())
@@ -136,8 +153,7 @@ class ReplyGrid:
             self.sent.append(msg)
             if msg.metadata.message_type == "train":
                 rnd = int(msg.content["config"]["server-round"])
-                arrays = {k: a.numpy() for k, a in msg.content["arrays"].items()}
-                content = self.sites[node](rnd, arrays)
+                content = self.sites[node](rnd, received(msg))
             else:
                 content = _evaluate_content(NAMES[node])
             if content is not None:
@@ -177,7 +193,7 @@ def test_every_attack_is_dropped_and_the_run_goes_on(tmp_path):
             messages = list(messages)
             if messages and messages[0].metadata.message_type == "train":
                 rnd = int(messages[0].content["config"]["server-round"])
-                globals_[rnd] = {k: a.numpy() for k, a in messages[0].content["arrays"].items()}
+                globals_[rnd] = received(messages[0])
             return super().send_and_receive(messages, timeout=timeout)
 
     out = tmp_path / "out"
