@@ -110,7 +110,13 @@ def _checked_pull(original):  # type: ignore[no-untyped-def]
 
 
 def clientapp_main() -> None:
-    """``m2diff-clientapp``: ``flwr-clientapp`` with the FAB allow-list (module doc)."""
+    """``m2diff-clientapp``: ``flwr-clientapp`` with the FAB allow-list (module doc); run in a
+    warm child of the site's preloader when there is one (client/warm_start.py)."""
+    from client.warm_start import run_warm
+
+    code = run_warm(sys.argv[1:])
+    if code is not None:
+        sys.exit(code)
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
     from flwr.supernode.runtime import run_clientapp as runtime
 
@@ -125,6 +131,9 @@ def superexec_main() -> None:
     from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType
     from flwr.supercore.superexec.plugin import AutoExecPlugin
 
+    from client.warm_start import start_preloader
+
+    start_preloader()
     runner = Path(sys.executable).with_name("m2diff-clientapp")
     TASK_TYPE_TO_COMMAND[TaskType.CLIENT_APP] = str(runner) if runner.exists() else "m2diff-clientapp"
     AutoExecPlugin.supported_task_types = frozenset({TaskType.CLIENT_APP})
