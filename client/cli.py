@@ -73,7 +73,7 @@ from pathlib import Path
 from client.app_pinning import ALLOW_ENV, app_hash, parse_allow, read_allow_file
 from client.site_errors import SitePolicyError
 from client.site_policy import NODE_KEYS, SitePolicy
-from m2diff.config import ConfigError, resolve_path
+from m2diff.config import COMPOSE_CACHE_ENV, ConfigError, resolve_path
 from m2diff.data.check import summary_line
 from m2diff.data.validate import validate_site
 from server.cli import log_settings, parse_words, truthy
@@ -390,6 +390,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.get("threads") else {}
         if apps is not None:
             extra[ALLOW_ENV] = ",".join(sorted(apps))
+        # Each message's ClientApp composes the run's settings: keep them (m2diff/config.py).
+        extra[COMPOSE_CACHE_ENV] = str(state / "compose-cache")
         env = flower_env(resolve_path(os.environ.get("FLWR_HOME", "~/.flwr")), extra)
         executor = None if secret is None else \
             superexec_command(int(args.get("port", 9094)), secret)
