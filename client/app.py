@@ -46,6 +46,7 @@ from m2diff.evaluate import evaluate_subjects, site_metrics
 from m2diff.fedutil import add_proximal_term
 from m2diff.model import unwrap_model
 from m2diff.train import make_optimizer, train_steps
+from m2diff.wire import PROXIMAL_MU_KEY, SERVER_ROUND_KEY, WEIGHT_KEY
 
 
 def site_policy_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -114,9 +115,6 @@ def _reply(msg: Message, run: SiteRun, metrics: dict[str, float],
     return Message(content=content, reply_to=msg)
 
 
-REQUIRE_PRIVACY_KEY = "require-privacy"  # node config: the privacy a hospital insists on
-
-
 def check_required_privacy(context: Context, run: SiteRun) -> None:
     """A site whose node config says ``require-privacy="dp"`` (or ``central_dp``) trains and
     evaluates only in runs with that privacy (and the rest of its privacy policy,
@@ -143,14 +141,14 @@ def train(msg: Message, context: Context) -> Message:
     model = run.model_from(msg)
     slices = load_slices(run.site, "train", run.cfg.data, run.split_seed, int(model.stride))
     config = msg.content.config_records.get("config", ConfigRecord())
-    server_round = int(config.get("server-round", 1))
+    server_round = int(config.get(SERVER_ROUND_KEY, 1))
     # A different batch order / noise draw every round, reproducible per site and round.
     torch.manual_seed(int(run.cfg.seed) * 1000 + server_round)
     # The raw weights are what FedAvg averages; a per-round EMA restarted from the global
     # model would only lag behind it, so the site keeps none.
     run.cfg.train.ema_decay = 0.0
     ready = time.perf_counter()
-    optimizer = _optimizer(model, run, float(config.get("proximal-mu", 0.0)))
+    optimizer = _optimizer(model, run, float(config.get(PROXIMAL_MU_KEY, 0.0)))
     dp_metrics: dict[str, float] = {}
     if run_privacy(run.cfg) == "dp":
         # DP-SGD; a site whose privacy budget is spent replies with the weights it received.
@@ -165,7 +163,7 @@ def train(msg: Message, context: Context) -> Message:
             next(iter(model.parameters())).fill_(float("nan"))
     metrics = {
         # A refused (untrained) reply keeps a positive weight; the server drops it anyway.
-        "num-examples": int(result.num_examples) if result is not None else len(slices),
+        WEIGHT_KEY: int(result.num_examples) if result is not None else len(slices),
         "train_loss": float(result.loss) if result is not None else 0.0,
         "train_steps": int(result.steps) if result is not None else 0,
         "train_seconds": float(result.seconds) if result is not None else 0.0,
@@ -185,6 +183,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     with torch.no_grad():
         rows = evaluate_subjects(model, run.cfg, run.site, test, run.device)
     metrics = site_metrics(rows, method=str(run.cfg.model.arch))
-    metrics["num-examples"] = len(test)
+    metrics[WEIGHT_KEY] = len(test)
     metrics["eval_seconds"] = float(time.perf_counter() - start)
     return _reply(msg, run, metrics)

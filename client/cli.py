@@ -76,18 +76,11 @@ from client.site_policy import NODE_KEYS, SitePolicy
 from m2diff.config import ConfigError, resolve_path
 from m2diff.data.check import summary_line
 from m2diff.data.validate import validate_site
-from server.cli import log_settings, parse_words, truthy
-from server.flwrctl import (
-    close_logger,
-    descendants,
-    file_logger,
-    flower_env,
-    start_logged,
-    stop_group,
-    stop_pids,
-    toml_pairs,
-    tool,
-)
+from m2diff.ops.flower import flower_env, toml_pairs, tool
+from m2diff.ops.logs import LEVEL_FORMAT, Say, close_logger, file_logger, log_settings, start_logged
+from m2diff.ops.procs import descendants, stop_group, stop_pids
+from m2diff.ops.words import parse_words, truthy
+from m2diff.wire import DATA_PATH_KEY, SITE_NAME_KEY
 
 KEYS = {"superlink", "root-certificates", "insecure", "data", "site", "auth-key", "port", "threads",
         "log-dir", "log-max-mb", "log-backups", "join-timeout", "allow-fab", "allow-fab-file",
@@ -131,7 +124,7 @@ def supernode_command(args: dict[str, str], site_name: str, secret: Path | None 
         if key is None or not key.is_file():
             raise ConfigError(f"auth-key={args['auth-key']}: no such file")
         cmd += ["--auth-supernode-private-key", str(key)]
-    node = {"data-path": str(resolve_path(args["data"])), "site-name": site_name}
+    node = {DATA_PATH_KEY: str(resolve_path(args["data"])), SITE_NAME_KEY: site_name}
     for key in NODE_KEYS:
         if args.get(key):
             node[key] = str(resolve_path(args[key])) if key in PATH_KEYS else args[key]
@@ -254,6 +247,7 @@ def run_supernode(cmd: list[str], env: dict[str, str], log: logging.Logger,
     command (given the SuperNode's pid) of the process that runs its ClientApps (app
     pinning), started beside every SuperNode and stopped with it; its output goes to the
     SuperNode's log."""
+    say = Say("m2diff-client", log)
     previous = {}
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(ValueError):  # only possible in the main thread
@@ -268,7 +262,7 @@ def run_supernode(cmd: list[str], env: dict[str, str], log: logging.Logger,
                 helper, _ = start_logged(executor(proc.pid), supernode_log, sys.stdout, env=env)
             while proc.poll() is None:
                 if attempt.lost:
-                    _say(log, "the SuperNode lost its connection (a 5xx from the SuperLink; "
+                    say("the SuperNode lost its connection (a 5xx from the SuperLink; "
                          "Flower does not reconnect); restarting it", err=True)
                     stop_supernode(proc)
                     break
@@ -282,18 +276,18 @@ def run_supernode(cmd: list[str], env: dict[str, str], log: logging.Logger,
             log.warning("SuperNode exited with status %s%s after %.0f s", code, flower,
                         now - attempt.started)
             if attempt.tls:
-                _say(log, "the TLS handshake with the SuperLink failed (check root-certificates=);"
+                say("the TLS handshake with the SuperLink failed (check root-certificates=);"
                      " not retrying", err=True)
                 return 1
             if now - attempt.started > 60:
                 failing_since = now  # it had been connected: its failures start now
             failing_since = failing_since or attempt.started
             if now - failing_since >= join_timeout:
-                _say(log, f"the SuperNode keeps ending{flower}; giving up after "
+                say(f"the SuperNode keeps ending{flower}; giving up after "
                      f"{join_timeout:.0f} s", err=True)
                 return 3 if attempt.code == 305 else (code or 1)
             wait = 0.0 if now - attempt.started > 60 else retry_s
-            _say(log, f"the SuperNode ended{flower}; starting it again in {wait:.0f} s"
+            say(f"the SuperNode ended{flower}; starting it again in {wait:.0f} s"
                  + (" (305: key not registered yet, or its previous session still counts as "
                     "online for up to ~60 s)" if attempt.code == 305 else ""), err=True)
             time.sleep(wait)
@@ -310,11 +304,6 @@ def run_supernode(cmd: list[str], env: dict[str, str], log: logging.Logger,
             stop_group(proc)
         if helper is not None:
             stop_group(helper, grace_s=5)
-
-
-def _say(log: logging.Logger, text: str, err: bool = False) -> None:
-    print(f"m2diff-client: {text}", file=sys.stderr if err else sys.stdout, flush=True)
-    log.log(logging.WARNING if err else logging.INFO, "%s", text)
 
 
 def fab_hash_main(words: list[str]) -> int:
@@ -359,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         state = writable_dir(args.get("state-dir") or str(data / STATE_DIR), "state-dir")
         settings = log_settings(args, data / LOG_DIR)
         writable_dir(str(settings.folder), "log-dir")
-        log = file_logger(settings, "m2diff-client", "%(asctime)s %(levelname)s %(message)s")
+        log = file_logger(settings, "m2diff-client", LEVEL_FORMAT)
         try:  # the site's policy keys, checked before anything starts
             policy = SitePolicy.from_node_config({k: args[k] for k in NODE_KEYS if k in args})
         except SitePolicyError as exc:
@@ -384,8 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 + (f"; cache in {resolve_path(args['cache-dir'])}" if args.get("cache-dir") else "")
                 + (f"; apps allowed: {', '.join(sorted(apps))}" if apps is not None else
                    "; allow-fab=any: ANY app the coordinator sends runs here (testing only)"))
-        print(f"m2diff-client: {text}", flush=True)
-        log.info("%s", text)
+        Say("m2diff-client", log)(text)
         extra = {"OMP_NUM_THREADS": args["threads"], "MKL_NUM_THREADS": args["threads"]} \
             if args.get("threads") else {}
         if apps is not None:

@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +38,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from m2diff.config import ConfigError, compose, resolve_path
 from m2diff.fedutil import metric_rows, table_columns, table_rows
+from m2diff.wire import OUT_DIR_KEY, OVERRIDES_KEY, SIM_SITES_KEY
 
 REPO = Path(__file__).resolve().parents[1]
 SIM_STEPS = 60  # train.steps per round of the main job when train.steps is left at its default
@@ -140,51 +139,27 @@ def run_overrides(cfg: DictConfig) -> list[str]:
 # ----------------------------------------------------------------------------- modes
 def run_federated(cfg: DictConfig, sites: list[Path], out: Path) -> list[dict[str, Any]]:
     """The Flower app on the simulation engine; rows of the last round (rounds.json)."""
-    import socket
-
-    from server.flwrctl import (
-        Federation,
-        FlowerError,
-        flower_env,
-        run_outcome,
-        stop_group,
-        tool,
-        write_connection,
-    )
+    from m2diff.ops import FlowerError
+    from m2diff.ops.flower import private_federation, run_outcome, tool
+    from m2diff.ops.procs import free_port, stop_group, wait_port
 
     out.mkdir(parents=True, exist_ok=True)
-    # A private FLWR_HOME outside out-dir: Flower installs the app bundle there, and a copy
-    # of the sources inside a folder of the app would end up in the next bundle.
-    home = Path(tempfile.mkdtemp(prefix="m2diff-flwr-"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    write_connection(home, "sim", f"127.0.0.1:{port}", insecure=True)  # loopback only
+    port = free_port()
     extra = {"RAY_ADDRESS": str(cfg.fl.ray_address)} if cfg.fl.get("ray_address") else {}
-    env = flower_env(home, extra)
-    ctl = Federation(home, "sim", env)
+    ctl = private_federation("sim", f"127.0.0.1:{port}", insecure=True, extra=extra)  # loopback only
     with open(out / "superlink.log", "ab") as log:
         link = subprocess.Popen(
             [tool("flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1",
              "--port", str(port), "--disable-runtime-dependency-installation"],
-            cwd=out, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            cwd=out, env=ctl.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if link.poll() is not None:
-                raise FlowerError(f"simulation SuperLink exited ({link.returncode}); see {out}/superlink.log")
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            if time.monotonic() > deadline:
-                raise FlowerError("simulation SuperLink did not start within 60 s")
-            time.sleep(0.3)
+        wait_port("127.0.0.1", port, link, "simulation SuperLink", log=f"{out}/superlink.log")
         cpus = float(cfg.fl.num_cpus)
         federation = {"num-supernodes": len(sites),
                       "client-resources-num-cpus": int(cpus) if cpus.is_integer() else cpus,
                       "client-resources-num-gpus": float(cfg.fl.num_gpus)}
-        run_config = {"out-dir": str(out), "overrides": " ".join(run_overrides(cfg)),
-                      "sim-sites": ",".join(str(p) for p in sites)}
+        run_config = {OUT_DIR_KEY: str(out), OVERRIDES_KEY: " ".join(run_overrides(cfg)),
+                      SIM_SITES_KEY: ",".join(str(p) for p in sites)}
         run_id = ctl.submit(REPO, run_config, federation)
         print(f"m2diff simulate: Flower run {run_id}: {len(sites)} virtual sites, "
               f"{cfg.fl.rounds} rounds x {cfg.train.steps} steps", flush=True)
@@ -197,7 +172,7 @@ def run_federated(cfg: DictConfig, sites: list[Path], out: Path) -> list[dict[st
             raise FlowerError(f"federated run {text}; see {out}/superlink.log")
     finally:
         stop_group(link)
-        shutil.rmtree(home, ignore_errors=True)
+        ctl.close()
     rows = json.loads((out / "rounds.json").read_text()) if (out / "rounds.json").is_file() else []
     last = max((int(r["round"]) for r in rows), default=0)
     return [r for r in rows if int(r["round"]) == last]
@@ -300,7 +275,7 @@ def run_without_flower(cfg: DictConfig, sites: list[Path], out: Path) -> list[di
 
 def run_mode(cfg: DictConfig, sites: list[Path], out: Path) -> list[dict[str, Any]]:
     """One of ``fl.mode`` federated | centralized | local into ``out``: its table rows
-    (m2diff.fedutil.metric_rows). Raises server.flwrctl.FlowerError when a federation fails."""
+    (m2diff.fedutil.metric_rows). Raises m2diff.ops.FlowerError when a federation fails."""
     if str(cfg.fl.mode) == "federated":
         return run_federated(cfg, sites, out)
     return run_without_flower(cfg, sites, out)
@@ -310,8 +285,8 @@ def run_all(cfg: DictConfig, sites: list[Path], out: Path, start: float) -> int:
     """``fl.mode=all``: federated, centralised and local on the same sites and budget, one
     table (also ``<out>/compare.csv`` and ``compare.md``)."""
     from m2diff.bench.summary import compare_rows, write_compare
+    from m2diff.ops import FlowerError
     from m2diff.report import print_table
-    from server.flwrctl import FlowerError
 
     results: dict[str, list[dict[str, Any]]] = {}
     for mode in ("federated", "centralized", "local"):
@@ -347,7 +322,7 @@ def run_simulate(cfg: DictConfig, args: dict[str, str]) -> int:
         return run_all(cfg, sites, out, start)
     out = out / mode
     if mode == "federated":
-        from server.flwrctl import FlowerError
+        from m2diff.ops import FlowerError
 
         try:
             rows = run_federated(cfg, sites, out)

@@ -12,7 +12,7 @@ import sys
 import time
 
 from client.cli import run_supernode
-from server.flwrctl import LogSettings, close_logger, file_logger
+from m2diff.ops.logs import LogSettings, close_logger, file_logger
 
 LOST = r"""
 import signal, sys, time
