@@ -38,7 +38,7 @@ COMMANDS: dict[str, Command] = {
     for c in [
         Command(
             "generate",
-            "Write simulated multi-site PET/MRI cohorts (NIfTI, METHOD.md layout).",
+            "Write simulated multi-site PET/MRI cohorts (NIfTI, the docs/METHOD.md layout).",
             "m2diff.data.simulate.cli:run_generate",
             section="generate",
             aliases={"size": "generate"},

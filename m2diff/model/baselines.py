@@ -1,4 +1,4 @@
-"""The two baselines of METHOD.md section 5, behind the same interfaces as M2Diff.
+"""The two baselines of docs/METHOD.md section 2, behind the same interfaces as M2Diff.
 
 - ``RegressionUNet`` (model=unet): MONAI's UNet, concat(LD, T1) -> SD, trained with MSE on SD.
 - ``ConcatDDPM`` (model=ddpm_concat): one MONAI DiffusionModelUNet on concat(x_t, LD, T1), a

@@ -1,4 +1,5 @@
-"""Diffusion formulation, training loss and samplers (MONAI DDPM / DDIM schedulers) for all archs.
+"""Diffusion formulation, training loss and samplers (MONAI DDPM / DDIM schedulers) for all archs
+(docs/METHOD.md section 3).
 
 Everything lives in model space (docs/CONTRACTS.md). A *formulation* (``Formulation``, from
 ``model.formulation`` and the keys that override it) says

@@ -1,4 +1,4 @@
-"""M2Diff: the dual-pathway (PET + MRI) conditional noise predictor of METHOD.md section 2.
+"""M2Diff: the dual-pathway (PET + MRI) conditional diffusion network of docs/METHOD.md section 2.
 
 Two encoder-decoder UNets built from MONAI's diffusion blocks share one timestep embedding:
 
