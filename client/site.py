@@ -30,8 +30,8 @@ from client.site_policy import (
 from m2diff.data.layout import Site, Subject
 from m2diff.data.splits import split_subjects
 from m2diff.data.verdict import validate_site_cached
+from m2diff.device import resolve_device
 from m2diff.model import build_model
-from m2diff.train import resolve_device
 from m2diff.wire import (
     DATA_PATH_KEY,
     NUM_PARTITIONS_KEY,

@@ -69,7 +69,7 @@ COMMANDS: dict[str, Command] = {
         Command(
             "train",
             "Train locally (centralised) on one or more site folders.",
-            "m2diff.train:run_train",
+            "m2diff.train_command:run_train",
             keys=("data", "model=tiny|paper|unet|ddpm_concat", "train.steps",
                   "train.batch_size", "train.lr", "out", "device", "seed"),
         ),

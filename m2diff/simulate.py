@@ -236,9 +236,9 @@ def run_without_flower(cfg: DictConfig, sites: list[Path], out: Path) -> list[di
     from m2diff.checkpoint import save_checkpoint
     from m2diff.data.dataset import SliceSet, load_slices
     from m2diff.data.validate import validate_site
+    from m2diff.device import resolve_device
     from m2diff.model import build_model
     from m2diff.report import write_json
-    from m2diff.train import resolve_device
 
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
