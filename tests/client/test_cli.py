@@ -11,8 +11,9 @@ import pytest
 from flwr.app import Context, RecordDict
 
 from client.cli import main as client_main
-from client.cli import run_supernode, supernode_command
+from client.cli import supernode_command
 from client.site import SiteRun
+from client.supervise import run_supernode
 from m2diff.config import ConfigError
 from m2diff.data.cache import cache_folder
 from m2diff.ops.logs import LogSettings, close_logger, file_logger
