@@ -148,7 +148,7 @@ def sites(cfg: Any, sites_dir: Path, regenerate: bool, per_group: int = TEST_PER
     wanted = {"generate": OmegaConf.to_container(cfg.generate, resolve=True), "seed": int(cfg.seed),
               "test_per_group": int(per_group)}
     if regenerate or not stamp.is_file() or json.loads(stamp.read_text()) != wanted:
-        from m2diff.data.simulate.cohort import generate_sites
+        from m2diff.data.generate.cohort import generate_sites
 
         if sites_dir.exists():
             shutil.rmtree(sites_dir)

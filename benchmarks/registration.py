@@ -39,7 +39,7 @@ def exports(cfg, folder: Path) -> list[Path]:
     """The raw export folders for ``cfg`` (generated unless ``folder`` already has them)."""
     from omegaconf import OmegaConf
 
-    from m2diff.data.simulate.export_raw import generate_exports
+    from m2diff.data.generate.export_raw import generate_exports
 
     stamp = folder / "export.json"
     wanted = {"generate": OmegaConf.to_container(cfg.generate, resolve=True),

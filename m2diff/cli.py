@@ -39,7 +39,7 @@ COMMANDS: dict[str, Command] = {
         Command(
             "generate",
             "Write simulated multi-site PET/MRI cohorts (NIfTI, the docs/METHOD.md layout).",
-            "m2diff.data.simulate.cli:run_generate",
+            "m2diff.data.generate.command:run_generate",
             section="generate",
             aliases={"size": "generate"},
             keys=("out", "sites", "subjects", "seed", "size=tiny|default", "shape",
@@ -62,7 +62,7 @@ COMMANDS: dict[str, Command] = {
         Command(
             "figure",
             "PNG of generated subjects: T1 / LD / SD for a CN and an AD subject.",
-            "m2diff.data.simulate.figure:run_data_figure",
+            "m2diff.data.generate.figure:run_data_figure",
             args={"png": "output PNG path (default <out>/subjects.png)"},
             keys=("data", "out"),
         ),

@@ -75,8 +75,8 @@ def ensure_sites(cfg: DictConfig, gen: DictConfig | None = None) -> list[Path]:
         from m2diff.data.check import site_paths
 
         return site_paths(cfg.data.path)
-    from m2diff.data.simulate.cohort import generate_sites, plan_sites
-    from m2diff.data.simulate.settings import read_settings
+    from m2diff.data.generate.cohort import generate_sites, plan_sites
+    from m2diff.data.generate.settings import read_settings
     from m2diff.report import write_json
 
     gen = generate_cfg(cfg) if gen is None else gen
