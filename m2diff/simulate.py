@@ -28,21 +28,20 @@ Flower is imported only inside the federated path (``m2diff`` stays Flower-free)
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from m2diff.config import ConfigError, compose, resolve_path
 from m2diff.fedutil import metric_rows, table_columns, table_rows
+from m2diff.runconfig import overrides_text, run_overrides
 from m2diff.wire import OUT_DIR_KEY, OVERRIDES_KEY, SIM_SITES_KEY
 
 REPO = Path(__file__).resolve().parents[1]
 SIM_STEPS = 60  # train.steps per round of the main job when train.steps is left at its default
-SKIP = ("generate", "data.path", "out")  # not needed by the ServerApp / ClientApps
 
 
 # ----------------------------------------------------------------------------- sites
@@ -95,47 +94,6 @@ def ensure_sites(cfg: DictConfig, gen: DictConfig | None = None) -> list[Path]:
     return sites
 
 
-# ----------------------------------------------------------------------------- config
-def _hydra_value(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, list | tuple):
-        return "[" + ",".join(_hydra_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ",".join(f"{k}:{_hydra_value(v)}" for k, v in value.items()) + "}"
-    text = str(value)
-    return text if re.fullmatch(r"[\w./:+@-]+", text) else json.dumps(text)
-
-
-def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, dict):
-        out: dict[str, Any] = {}
-        for key, value in node.items():
-            out.update(_leaves(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: node}
-
-
-def run_overrides(cfg: DictConfig) -> list[str]:
-    """Hydra overrides (``++key=value``) that turn the default config into ``cfg``: what the
-    ServerApp and every ClientApp compose (generation settings and site paths left out)."""
-    def plain(c: DictConfig | ListConfig) -> Any:
-        return OmegaConf.to_container(c, resolve=True)
-
-    base = _leaves(plain(compose([])))
-    words = []
-    for key, value in _leaves(plain(cfg)).items():
-        if any(key == s or key.startswith(s + ".") for s in SKIP):
-            continue
-        if key not in base or base[key] != value:
-            words.append(f"++{key}={_hydra_value(value)}")
-    return words
-
-
 # ----------------------------------------------------------------------------- modes
 def run_federated(cfg: DictConfig, sites: list[Path], out: Path) -> list[dict[str, Any]]:
     """The Flower app on the simulation engine; rows of the last round (rounds.json)."""
@@ -158,7 +116,7 @@ def run_federated(cfg: DictConfig, sites: list[Path], out: Path) -> list[dict[st
         federation = {"num-supernodes": len(sites),
                       "client-resources-num-cpus": int(cpus) if cpus.is_integer() else cpus,
                       "client-resources-num-gpus": float(cfg.fl.num_gpus)}
-        run_config = {OUT_DIR_KEY: str(out), OVERRIDES_KEY: " ".join(run_overrides(cfg)),
+        run_config = {OUT_DIR_KEY: str(out), OVERRIDES_KEY: overrides_text(run_overrides(cfg)),
                       SIM_SITES_KEY: ",".join(str(p) for p in sites)}
         run_id = ctl.submit(REPO, run_config, federation)
         print(f"m2diff simulate: Flower run {run_id}: {len(sites)} virtual sites, "

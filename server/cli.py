@@ -56,6 +56,7 @@ from m2diff.ops import FlowerError
 from m2diff.ops.flower import run_outcome
 from m2diff.ops.logs import LEVEL_FORMAT, Say, close_logger, file_logger, log_settings
 from m2diff.ops.words import parse_words
+from m2diff.runconfig import overrides_text
 from server.coordinator import Coordinator
 from server.runstate import RoundLines, print_last_round
 from server.status import status
@@ -73,6 +74,7 @@ def serve(args: dict[str, str], overrides: list[str]) -> int:
     from server.strategy import check_strategy
 
     cfg = compose(overrides)  # fail fast on a bad setting, before any process starts
+    overrides_text(overrides)  # ... or on words the apps would not get back whole
     try:
         check_strategy(cfg.fl)
     except ValueError as exc:

@@ -27,6 +27,7 @@ from m2diff.ops.procs import (
     wait_port,
 )
 from m2diff.ops.words import truthy
+from m2diff.runconfig import overrides_text
 from m2diff.wire import OUT_DIR_KEY, OVERRIDES_KEY, REGISTERED_SITES_KEY
 from server.front import Front, describe, request_cap, settings_from
 from server.runstate import RoundLines, read_state, write_state
@@ -194,7 +195,7 @@ class Coordinator:
         overrides = list(self.overrides) + (["fl.resume=true"] if resume else [])
         app_dir = Path(self.args.get("app") or APP_DIR)
         run_id = self.ctl.submit(app_dir, {
-            OUT_DIR_KEY: str(self.out), OVERRIDES_KEY: " ".join(overrides),
+            OUT_DIR_KEY: str(self.out), OVERRIDES_KEY: overrides_text(overrides),
             REGISTERED_SITES_KEY: format_registered(self.state["nodes"]) if self.auth else ""})
         self.save(run_id=run_id, runs=[*self.state["runs"], run_id], status="running")
         self.record_app_hash(run_id)

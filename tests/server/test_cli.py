@@ -1,32 +1,14 @@
-"""m2diff-server / m2diff-client argument handling, run-config quoting (no processes)."""
+"""m2diff-server argument handling: the SuperLink command line, TLS checks (no processes)."""
 
 from __future__ import annotations
 
 import subprocess
 from pathlib import Path
 
-from flwr.common.config import parse_config_args
-
-from m2diff.config import compose
-from m2diff.fedutil import compose_run_config, split_overrides
-from m2diff.ops.flower import toml_pairs
-from m2diff.simulate import run_overrides
 from server.cli import main as server_main
 from server.superlink import superlink_command
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def test_run_config_round_trip_through_flowers_parser():
-    cfg = compose(["model=unet", "train.steps=5", "fl.rounds=1", "data.split=[0.5,0.25,0.25]"])
-    overrides = " ".join(run_overrides(cfg))
-    values = {"out-dir": "/abs/out dir", "overrides": overrides}
-    parsed = parse_config_args([toml_pairs(values)])
-    assert parsed == values
-    again = compose_run_config(parsed)
-    assert again.model == cfg.model and again.train == cfg.train
-    assert list(again.data.split) == [0.5, 0.25, 0.25]
-    assert split_overrides('++a="x y" b=1') == ['++a="x y"', "b=1"]
 
 
 def test_superlink_command_is_loopback_tls_auth_by_default_and_refuses_bad_combinations(
