@@ -23,11 +23,14 @@ def test_method_references_resolve():
     cited = []
     for path in tracked_text_files():
         text = path.read_text(errors="replace")
-        for match in re.finditer(r"(\S*)METHOD\.md\)?(?: layout \()?,? ?(?:section|§)? ?(\d+)?", text):
+        for match in re.finditer(
+            r"(\S*)METHOD\.md\)?(?: layout \()?,? ?(?:section|§)? ?(\d+)?", text
+        ):
             if path.name == "METHOD.md" or path.name == "test_docs.py":
                 continue
-            assert "docs/METHOD.md" in match.group(0) or path.parent.name == "docs", \
+            assert "docs/METHOD.md" in match.group(0) or path.parent.name == "docs", (
                 f"{path.relative_to(REPO)}: {match.group(0)!r} does not point at docs/METHOD.md"
+            )
             if match.group(2):
                 cited.append((path.relative_to(REPO), match.group(2)))
     assert cited
@@ -36,6 +39,9 @@ def test_method_references_resolve():
 
 def test_no_machine_paths():
     pattern = re.compile(r"/work/|/home/(?!m2diff/)|/Users/")
-    bad = [str(p.relative_to(REPO)) for p in tracked_text_files()
-           if p.name != "test_docs.py" and pattern.search(p.read_text(errors="replace"))]
+    bad = [
+        str(p.relative_to(REPO))
+        for p in tracked_text_files()
+        if p.name != "test_docs.py" and pattern.search(p.read_text(errors="replace"))
+    ]
     assert bad == []

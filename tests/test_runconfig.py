@@ -13,11 +13,14 @@ from m2diff.runconfig import overrides_text, run_overrides
 from m2diff.wire import OUT_DIR_KEY, OVERRIDES_KEY
 
 
-@pytest.mark.parametrize("words", [
-    ["model=unet", "train.steps=5", "fl.rounds=1", "data.split=[0.5,0.25,0.25]"],
-    ["model=paper", "privacy=dp", "train.lr=0.0003", "fl.strategy=fedprox"],
-    [],
-])
+@pytest.mark.parametrize(
+    "words",
+    [
+        ["model=unet", "train.steps=5", "fl.rounds=1", "data.split=[0.5,0.25,0.25]"],
+        ["model=paper", "privacy=dp", "train.lr=0.0003", "fl.strategy=fedprox"],
+        [],
+    ],
+)
 def test_a_config_comes_back_from_the_run_config(words):
     cfg = compose(words)
     values = {OUT_DIR_KEY: "/abs/out dir", OVERRIDES_KEY: overrides_text(run_overrides(cfg))}

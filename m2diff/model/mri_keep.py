@@ -10,8 +10,9 @@ import torch
 from torch import Tensor
 
 
-def draw_keep(p_drop: float, batch: int, device: torch.device,
-              generator: torch.Generator | None = None) -> Tensor:
+def draw_keep(
+    p_drop: float, batch: int, device: torch.device, generator: torch.Generator | None = None
+) -> Tensor:
     """(B,) bool: each slice keeps its MRI with probability ``1 - p_drop``."""
     if generator is None:
         return torch.rand(batch, device=device) >= p_drop

@@ -12,8 +12,9 @@ def truthy(value: str | None) -> bool:
     return str(value).lower() in ("1", "true", "yes", "on")
 
 
-def parse_words(words: Sequence[str], keys: Collection[str], dashes: bool = True,
-                what: str = "") -> tuple[dict[str, str], list[str]]:
+def parse_words(
+    words: Sequence[str], keys: Collection[str], dashes: bool = True, what: str = ""
+) -> tuple[dict[str, str], list[str]]:
     """Split ``key=value`` words into the command's own ``keys`` and the rest (Hydra
     overrides, in their order). With ``dashes`` a key may be spelled with ``_`` or ``-``
     (``log_dir=`` is ``log-dir=``). ConfigError for a word without ``=`` (``what`` says

@@ -27,30 +27,48 @@ def test_client_refuses_unusable_site(tmp_path, tiny_sites, capsys):
     site = tmp_path / "site"
     shutil.copytree(tiny_sites[0], site)
     assert client_main(["superlink=h:8000", f"data={site}"]) == 2  # TLS needs the CA
-    cmd = supernode_command({"superlink": "h:8000", "insecure": "true", "data": str(site),
-                             "port": "9100"}, "hospital-a")
+    cmd = supernode_command(
+        {"superlink": "h:8000", "insecure": "true", "data": str(site), "port": "9100"}, "hospital-a"
+    )
     assert cmd[cmd.index("--node-config") + 1] == f"data-path='{site}' site-name='hospital-a'"
     assert "--insecure" in cmd and cmd[cmd.index("--port") + 1] == "9100"
     # A hospital that insists on DP says so in its node config; a typo is a clear error.
-    cmd = supernode_command({"superlink": "h:8000", "insecure": "true", "data": str(site),
-                             "require-privacy": "dp"}, "hospital-a")
+    cmd = supernode_command(
+        {"superlink": "h:8000", "insecure": "true", "data": str(site), "require-privacy": "dp"},
+        "hospital-a",
+    )
     assert "require-privacy='dp'" in cmd[cmd.index("--node-config") + 1]
     with pytest.raises(ConfigError, match="require-privacy=dpp"):
-        supernode_command({"superlink": "h:8000", "insecure": "true", "data": str(site),
-                           "require-privacy": "dpp"}, "hospital-a")
+        supernode_command(
+            {
+                "superlink": "h:8000",
+                "insecure": "true",
+                "data": str(site),
+                "require-privacy": "dpp",
+            },
+            "hospital-a",
+        )
 
 
 def test_site_cache_dir_wins_over_the_coordinators(tmp_path, tiny_sites):
     site_cache = tmp_path / "site-cache"
-    cmd = supernode_command({"superlink": "h:1", "insecure": "true", "data": str(tiny_sites[0]),
-                             "cache-dir": str(site_cache)}, "hospital-a")
+    cmd = supernode_command(
+        {
+            "superlink": "h:1",
+            "insecure": "true",
+            "data": str(tiny_sites[0]),
+            "cache-dir": str(site_cache),
+        },
+        "hospital-a",
+    )
     node_config = cmd[cmd.index("--node-config") + 1]
     assert f"cache-dir='{site_cache}'" in node_config
     run_config = {"overrides": f"model=tiny data.cache_dir={tmp_path / 'coordinator-cache'}"}
 
     def context(node_config):
-        return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(),
-                       run_config=run_config)
+        return Context(
+            run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config
+        )
 
     node = {"data-path": str(tiny_sites[0]), "site-name": "hospital-a"}
     run = SiteRun.open(context({**node, "cache-dir": str(site_cache)}))
@@ -105,13 +123,16 @@ def _client_loggers(tmp_path):
 
 def test_client_retries_a_refused_supernode_then_gives_up(tmp_path, capsys):
     log, node_log = _client_loggers(tmp_path)
-    code = run_supernode([sys.executable, "-c", REFUSED], {}, log, node_log, join_timeout=1.5,
-                         retry_s=0.3)
+    code = run_supernode(
+        [sys.executable, "-c", REFUSED], {}, log, node_log, join_timeout=1.5, retry_s=0.3
+    )
     assert code == 3
     err = capsys.readouterr().err
     assert "starting it again in 0 s (305: key not registered yet" in err
     assert "giving up after 2 s" in err
-    assert code == 3 and (tmp_path / "logs" / "supernode.log").read_text().count("Exit Code: 305") >= 2
+    assert (
+        code == 3 and (tmp_path / "logs" / "supernode.log").read_text().count("Exit Code: 305") >= 2
+    )
     # a wrong CA is not retried
     assert run_supernode([sys.executable, "-c", WRONG_CA], {}, log, node_log, join_timeout=60) == 1
     assert "not retrying" in capsys.readouterr().err
@@ -141,4 +162,3 @@ def test_client_stop_sends_the_supernode_one_sigterm(tmp_path):
     assert "stop requested" in (tmp_path / "logs" / "m2diff-client.log").read_text()
     close_logger(log)
     close_logger(node_log)
-

@@ -37,8 +37,11 @@ def test_child_output_goes_to_rotated_files_and_the_console(tmp_path):
     assert all((tmp_path / "logs" / f).stat().st_size <= 4000 for f in files)
     text = (tmp_path / "logs" / "child.log").read_text()
     assert "line 0399" in text and "to stderr" in text and "\x1b[" not in text
-    assert "line 0398" in (tmp_path / "logs" / "child.log").read_text() + \
-        (tmp_path / "logs" / "child.log.1").read_text()
+    assert (
+        "line 0398"
+        in (tmp_path / "logs" / "child.log").read_text()
+        + (tmp_path / "logs" / "child.log.1").read_text()
+    )
     # the console gets every line, colours and all, none of the old ones is lost there
     assert echo.getvalue().count("\n") == 401 and "\x1b[92m" in echo.getvalue()
     assert LogSettings.from_args(tmp_path, "0.5", "3").max_bytes == 2**19
