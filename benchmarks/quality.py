@@ -56,8 +56,9 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from m2diff.config import compose, resolve_path  # noqa: E402
+from m2diff.config import ConfigError, compose, resolve_path  # noqa: E402
 from m2diff.data.layout import Site  # noqa: E402
+from m2diff.ops.words import parse_words  # noqa: E402
 
 # CPU defaults; every one of them can be overridden on the command line. Learning rate, EMA
 # and sampler are the product's defaults (conf/).
@@ -112,15 +113,12 @@ def parse(argv: list[str], overrides: list[str] | None = None, own: dict[str, st
     overrides = list(DEFAULTS if overrides is None else overrides)
     own = dict(own or {})
     keys = OWN_KEYS if own_keys is None else own_keys
-    for word in argv:
-        key, sep, value = word.partition("=")
-        if not sep:
-            raise SystemExit(f"{script}: '{word}' is not key=value")
-        if key in keys:
-            own[key] = value
-        else:
-            overrides.append(word)
-    return overrides, own
+    try:
+        args, rest = parse_words(argv, keys, dashes=False)
+    except ConfigError as exc:
+        raise SystemExit(f"{script}: {exc}") from None
+    own.update(args)
+    return overrides + rest, own
 
 
 def assign_splits(root: Path, per_group: int, seed: int) -> None:
@@ -150,7 +148,7 @@ def sites(cfg: Any, sites_dir: Path, regenerate: bool, per_group: int = TEST_PER
     wanted = {"generate": OmegaConf.to_container(cfg.generate, resolve=True), "seed": int(cfg.seed),
               "test_per_group": int(per_group)}
     if regenerate or not stamp.is_file() or json.loads(stamp.read_text()) != wanted:
-        from m2diff.data.simulate.cohort import generate_sites
+        from m2diff.data.generate.cohort import generate_sites
 
         if sites_dir.exists():
             shutil.rmtree(sites_dir)

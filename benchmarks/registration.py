@@ -27,7 +27,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from m2diff.config import compose, resolve_path  # noqa: E402
+from m2diff.config import ConfigError, compose, resolve_path  # noqa: E402
+from m2diff.ops.words import parse_words  # noqa: E402
 
 OWN_KEYS = ("export_dir", "sites", "subjects", "seed")
 COLUMNS = ["site", "subject", "format", "dose", "true_rot_deg", "true_shift_mm", "err_mean_mm",
@@ -38,7 +39,7 @@ def exports(cfg, folder: Path) -> list[Path]:
     """The raw export folders for ``cfg`` (generated unless ``folder`` already has them)."""
     from omegaconf import OmegaConf
 
-    from m2diff.data.simulate.export_raw import generate_exports
+    from m2diff.data.generate.export_raw import generate_exports
 
     stamp = folder / "export.json"
     wanted = {"generate": OmegaConf.to_container(cfg.generate, resolve=True),
@@ -63,11 +64,12 @@ def main(argv: list[str]) -> int:
 
     own = {"sites": "3", "subjects": "2", "seed": "0", "export_dir": "data/benchmark-raw"}
     overrides = ["export=raw"]
-    for word in argv:
-        key, sep, value = word.partition("=")
-        if not sep:
-            raise SystemExit(f"registration.py: '{word}' is not key=value")
-        (own.__setitem__(key, value) if key in OWN_KEYS else overrides.append(word))
+    try:
+        args, rest = parse_words(argv, OWN_KEYS, dashes=False)
+    except ConfigError as exc:
+        raise SystemExit(f"registration.py: {exc}") from None
+    own.update(args)
+    overrides += rest
     cfg = compose([*overrides, f"generate.sites={own['sites']}",
                    f"generate.subjects={own['subjects']}", f"seed={own['seed']}"])
     if cfg.export.get("format") != "raw":

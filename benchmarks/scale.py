@@ -228,9 +228,9 @@ def _window(times: list[dict[str, Any]], first: int, last: int) -> str:
 
 
 def main(argv: list[str]) -> int:
+    from m2diff.ops import FlowerError
     from m2diff.report import _atomic_write, write_json
     from m2diff.simulate import ensure_sites, run_federated
-    from server.flwrctl import FlowerError
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from quality import parse

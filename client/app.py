@@ -48,6 +48,7 @@ from m2diff.data.dataset import load_slices
 from m2diff.fedutil import add_proximal_term
 from m2diff.model import unwrap_model
 from m2diff.train import make_optimizer, train_steps
+from m2diff.wire import PROXIMAL_MU_KEY, SERVER_ROUND_KEY, WEIGHT_KEY
 
 # Flower starts a fresh ClientApp process for every message: what only one kind of message
 # needs (Opacus for privacy=dp, the metrics for evaluate) is imported inside its handler.
@@ -134,9 +135,6 @@ def process_seconds() -> float:
         return 0.0
 
 
-REQUIRE_PRIVACY_KEY = "require-privacy"  # node config: the privacy a hospital insists on
-
-
 def check_required_privacy(context: Context, run: SiteRun) -> None:
     """A site whose node config says ``require-privacy="dp"`` (or ``central_dp``) trains and
     evaluates only in runs with that privacy (and the rest of its privacy policy,
@@ -164,13 +162,13 @@ def train(msg: Message, context: Context) -> Message:
     model = run.model_from(msg)
     slices = load_slices(run.site, "train", run.cfg.data, run.split_seed, int(model.stride))
     config = msg.content.config_records.get("config", ConfigRecord())
-    server_round = int(config.get("server-round", 1))
+    server_round = int(config.get(SERVER_ROUND_KEY, 1))
     # A different batch order / noise draw every round, reproducible per site and round.
     torch.manual_seed(int(run.cfg.seed) * 1000 + server_round)
     # The raw weights are what FedAvg averages; a per-round EMA restarted from the global
     # model would only lag behind it, so the site keeps none.
     run.cfg.train.ema_decay = 0.0
-    optimizer = _optimizer(model, run, float(config.get("proximal-mu", 0.0)))
+    optimizer = _optimizer(model, run, float(config.get(PROXIMAL_MU_KEY, 0.0)))
     dp_metrics: dict[str, float] = {}
     if run_privacy(run.cfg) == "dp":
         from client.privacy import dp_train  # Opacus: only in privacy=dp runs
@@ -190,7 +188,7 @@ def train(msg: Message, context: Context) -> Message:
             next(iter(model.parameters())).fill_(float("nan"))
     metrics = {
         # A refused (untrained) reply keeps a positive weight; the server drops it anyway.
-        "num-examples": int(result.num_examples) if result is not None else len(slices),
+        WEIGHT_KEY: int(result.num_examples) if result is not None else len(slices),
         "train_loss": float(result.loss) if result is not None else 0.0,
         "train_steps": int(result.steps) if result is not None else 0,
         "train_seconds": trained_s,
@@ -213,6 +211,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     with torch.no_grad():
         rows = evaluate_subjects(model, run.cfg, run.site, test, run.device)
     metrics = site_metrics(rows, method=str(run.cfg.model.arch))
-    metrics["num-examples"] = len(test)
+    metrics[WEIGHT_KEY] = len(test)
     metrics["eval_seconds"] = float(time.perf_counter() - start)
     return _reply(msg, run, metrics)

@@ -47,12 +47,13 @@ from m2diff.privacy import (
     sample_rate,
 )
 from m2diff.train import TrainResult, make_optimizer, train_steps, training_dataset
+from m2diff.wire import DP_EPSILON_KEY, DP_EPSILON_NEXT_KEY, OUT_DIR_KEY, REFUSED_KEY
 
 
 def federation_key(context: Context, run: SiteRun) -> str:
     """12 hex digits naming the federation, the same across resumes (new run ids): sha256 of
     the run config's ``out-dir`` (the coordinator's output folder), else of ``cfg.out``."""
-    out = str(context.run_config.get("out-dir", "") or "") or str(run.cfg.get("out", ""))
+    out = str(context.run_config.get(OUT_DIR_KEY, "") or "") or str(run.cfg.get("out", ""))
     return hashlib.sha256(os.path.normpath(out).encode()).hexdigest()[:12]
 
 
@@ -121,7 +122,7 @@ def dp_train(context: Context, run: SiteRun, model: nn.Module, slices: Any,
         if reason:
             log(WARNING, "site %s refuses to train this round (privacy=dp): %s; %s", run.name,
                 reason, _advice(noise, rate, steps, batch, n))
-            return model, None, {"dp_epsilon": spent, "dp_epsilon_next": after, "dp_refused": 1}
+            return model, None, {DP_EPSILON_KEY: spent, DP_EPSILON_NEXT_KEY: after, REFUSED_KEY: 1}
         ledger.reserve(Entry(fed, noise, rate, steps))
     log(INFO, "site %s: DP-SGD round: %s; federation epsilon %.3g -> %.3g, site lifetime "
         "%.3g -> %.3g", run.name, _advice(noise, rate, steps, batch, n).split(":")[0],
@@ -138,5 +139,5 @@ def dp_train(context: Context, run: SiteRun, model: nn.Module, slices: Any,
         # What was reserved must be what Opacus counted; anything else is a bug to see.
         raise RuntimeError(f"Opacus counted epsilon {counted}, the ledger reserved {after} "
                            f"({history_of(accountant_state(engine))} vs {fed_history + [step]})")
-    return unwrap_model(private), result, {"dp_epsilon": counted, "dp_epsilon_next": after,
-                                           "dp_refused": 0}
+    return unwrap_model(private), result, {DP_EPSILON_KEY: counted, DP_EPSILON_NEXT_KEY: after,
+                                           REFUSED_KEY: 0}

@@ -29,6 +29,8 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore import log
 
+from m2diff.wire import ARRAYS_KEY, REFUSED_KEY, SITE_RECORD, WEIGHT_KEY
+
 SITE_METRIC = "site"  # must match server/secagg.py
 
 
@@ -46,7 +48,7 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
 
 def _as_fitres(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Run the train handler on ``msg``; return its result as a legacy FitRes of the update."""
-    received: ArrayRecord = msg.content["arrays"]  # type: ignore[assignment]
+    received: ArrayRecord = msg.content[ARRAYS_KEY]  # type: ignore[assignment]
     # The rest of the ClientApp sees the plain train message (Flower's clipping mod insists
     # on exactly one ConfigRecord): the protocol's own record stays with secaggplus_mod.
     plain = RecordDict({k: v for k, v in msg.content.items() if k != RECORD_KEY_CONFIGS})
@@ -55,10 +57,10 @@ def _as_fitres(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         raise SecAggUpdateError(f"training failed: {reply.error.reason}")
     trained = next(iter(reply.content.array_records.values()))
     metrics: MetricRecord = next(iter(reply.content.metric_records.values()))
-    site = str(reply.content.config_records["site"]["name"])
+    site = str(reply.content.config_records[SITE_RECORD]["name"])
     deltas = update_of(received, trained, site)
-    weight = int(metrics.get("num-examples", 0))
-    if int(metrics.get("dp_refused", 0)) == 1:
+    weight = int(metrics.get(WEIGHT_KEY, 0))
+    if int(metrics.get(REFUSED_KEY, 0)) == 1:
         weight = 0  # budget spent: this site's (zero) update must not dilute the mean
     _warn_if_clipped(context, deltas, weight, site)
     fit_metrics: dict = {k: v for k, v in metrics.items() if isinstance(v, int | float)}

@@ -30,8 +30,15 @@ from client.site_policy import (
 from m2diff.data.layout import Site, Subject
 from m2diff.data.splits import split_subjects
 from m2diff.data.verdict import validate_site_cached
+from m2diff.device import resolve_device
 from m2diff.model import build_model
-from m2diff.train import resolve_device
+from m2diff.wire import (
+    DATA_PATH_KEY,
+    NUM_PARTITIONS_KEY,
+    PARTITION_ID_KEY,
+    SIM_SITES_KEY,
+    SITE_NAME_KEY,
+)
 
 __all__ = ["SiteError", "SitePolicyError", "SiteRun", "site_folder"]
 
@@ -40,13 +47,13 @@ def site_folder(context: Context) -> tuple[Path, str | None, bool]:
     """The site folder, its configured name (None: use the folder name) and whether it is a
     virtual site of a simulation (its folder named by the run config)."""
     node = context.node_config
-    if str(node.get("data-path", "") or ""):
-        name = str(node.get("site-name", "") or "") or None
-        return Path(str(node["data-path"])).expanduser(), name, False
-    sites = [s.strip() for s in str(context.run_config.get("sim-sites", "") or "").split(",")
+    if str(node.get(DATA_PATH_KEY, "") or ""):
+        name = str(node.get(SITE_NAME_KEY, "") or "") or None
+        return Path(str(node[DATA_PATH_KEY])).expanduser(), name, False
+    sites = [s.strip() for s in str(context.run_config.get(SIM_SITES_KEY, "") or "").split(",")
              if s.strip()]
-    if "partition-id" in node and "num-partitions" in node and sites:
-        pid = int(node["partition-id"])
+    if PARTITION_ID_KEY in node and NUM_PARTITIONS_KEY in node and sites:
+        pid = int(node[PARTITION_ID_KEY])
         if pid >= len(sites):
             raise SiteError(f"partition-id {pid} but run config sim-sites lists {len(sites)} folders")
         return Path(sites[pid]), None, True

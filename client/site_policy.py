@@ -49,6 +49,7 @@ from omegaconf import DictConfig, OmegaConf
 from client.site_errors import SitePolicyError
 from m2diff.config import ConfigError, compose, conf_dir, group_options
 from m2diff.fedutil import split_overrides
+from m2diff.wire import OVERRIDES_KEY
 
 PRIVACY_KINDS = ("none", "dp", "central_dp")
 GROUP_CHOICES = ("model", "privacy")  # ``group=option`` words a coordinator may send
@@ -227,7 +228,7 @@ def site_config(run_config: Mapping[str, Any], policy: SitePolicy, virtual: bool
                 site: str = "") -> DictConfig:
     """The config this site runs with: the coordinator's checked overrides composed with the
     site's conf, the site-owned settings of ``policy`` applied and its caps checked."""
-    checked = check_overrides(str(run_config.get("overrides", "") or ""), virtual)
+    checked = check_overrides(str(run_config.get(OVERRIDES_KEY, "") or ""), virtual)
     if checked.ignored:
         log(INFO, "site %s: ignoring the coordinator's site-owned setting(s) %s (the site's "
             "own values are used)", site, " ".join(checked.ignored))

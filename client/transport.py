@@ -11,9 +11,8 @@ from __future__ import annotations
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
-from m2diff.transport import TRANSPORT_RECORD, decode, encode
-
-ARRAYS_KEY = "arrays"
+from m2diff.transport import decode, encode
+from m2diff.wire import ARRAYS_KEY, TRANSPORT_RECORD
 
 
 def transport_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

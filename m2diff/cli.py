@@ -38,8 +38,8 @@ COMMANDS: dict[str, Command] = {
     for c in [
         Command(
             "generate",
-            "Write simulated multi-site PET/MRI cohorts (NIfTI, METHOD.md layout).",
-            "m2diff.data.simulate.cli:run_generate",
+            "Write simulated multi-site PET/MRI cohorts (NIfTI, the docs/METHOD.md layout).",
+            "m2diff.data.generate.command:run_generate",
             section="generate",
             aliases={"size": "generate"},
             keys=("out", "sites", "subjects", "seed", "size=tiny|default", "shape",
@@ -62,14 +62,14 @@ COMMANDS: dict[str, Command] = {
         Command(
             "figure",
             "PNG of generated subjects: T1 / LD / SD for a CN and an AD subject.",
-            "m2diff.data.simulate.figure:run_data_figure",
+            "m2diff.data.generate.figure:run_data_figure",
             args={"png": "output PNG path (default <out>/subjects.png)"},
             keys=("data", "out"),
         ),
         Command(
             "train",
             "Train locally (centralised) on one or more site folders.",
-            "m2diff.train:run_train",
+            "m2diff.train_command:run_train",
             keys=("data", "model=tiny|paper|unet|ddpm_concat", "train.steps",
                   "train.batch_size", "train.lr", "out", "device", "seed"),
         ),

@@ -1,4 +1,4 @@
-"""Evaluation on held-out subjects: per subject, then per cohort / site / pooled (METHOD.md 5).
+"""Evaluation on held-out subjects: per subject, then per cohort / site / pooled (docs/METHOD.md section 6).
 
 ``m2diff evaluate data=SITE_DIR [checkpoint=...] [split=test]`` writes, under ``cfg.out``:
 metrics_subjects.csv (one row per subject and method, the LD input first), metrics_summary.csv

@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig
 
 from m2diff.config import compose
+from m2diff.wire import EPSILON_KEYS
 
 # Cohort prefixes of the flat per-site metric dict (m2diff.evaluate.site_metrics).
 COHORTS = ("cn", "ad", "all")
@@ -210,7 +211,6 @@ def table_rows(rows: Iterable[Mapping[str, Any]], method: str) -> list[dict[str,
     return out
 
 
-EPSILON_KEYS = ("train_dp_epsilon", "central_dp_epsilon")  # sample level (per site), client level
 
 
 def privacy_spent(row: Mapping[str, Any]) -> float | None:

@@ -1,4 +1,4 @@
-"""Per-volume image-quality and regional metrics (METHOD.md section 5).
+"""Per-volume image-quality and regional metrics (docs/METHOD.md section 6).
 
 Every function takes 3D (X, Y, Z) arrays in the same units (PET: file units) and a boolean
 brain mask of the same shape. Protocol:

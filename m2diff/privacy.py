@@ -57,6 +57,7 @@ from m2diff.model.diffusion import (
     term_names,
     weighted_loss,
 )
+from m2diff.model.mri_keep import keep_all
 from m2diff.train import training_dataset
 
 __all__ = ["Draws", "PerSampleGrads", "accountant_state", "epsilon", "history_of",
@@ -216,8 +217,8 @@ class PerSampleGrads:
         assert ld is not None and sd is not None
         size = ld.shape[0]
         keep = draws.keep
-        if keep is None:  # same as "every slice keeps its MRI"
-            keep = torch.ones(size, dtype=torch.bool, device=ld.device)
+        if keep is None:
+            keep = keep_all(size, ld.device)
         params, buffers = self._params()
         diffusion = bool(self.bare.is_diffusion)
         if diffusion:

@@ -285,7 +285,7 @@ def _epsilon_series(series: Mapping[tuple[str, str], list[Mapping[str, Any]]]
                     ) -> dict[str, list[tuple[float, float]]]:
     """Cumulative epsilon per round: per site (``train_dp_epsilon``, sample-level DP) and
     for the federation (``central_dp_epsilon``, client-level DP, key "all sites")."""
-    from m2diff.fedutil import EPSILON_KEYS
+    from m2diff.wire import EPSILON_KEYS
 
     out: dict[str, dict[float, float]] = {}
     for (site, _), items in series.items():

@@ -28,22 +28,20 @@ Flower is imported only inside the federated path (``m2diff`` stays Flower-free)
 from __future__ import annotations
 
 import json
-import re
-import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from m2diff.config import ConfigError, compose, resolve_path
 from m2diff.fedutil import metric_rows, table_columns, table_rows
+from m2diff.runconfig import overrides_text, run_overrides
+from m2diff.wire import OUT_DIR_KEY, OVERRIDES_KEY, SIM_SITES_KEY
 
 REPO = Path(__file__).resolve().parents[1]
 SIM_STEPS = 60  # train.steps per round of the main job when train.steps is left at its default
-SKIP = ("generate", "data.path", "out")  # not needed by the ServerApp / ClientApps
 
 
 # ----------------------------------------------------------------------------- sites
@@ -76,8 +74,8 @@ def ensure_sites(cfg: DictConfig, gen: DictConfig | None = None) -> list[Path]:
         from m2diff.data.check import site_paths
 
         return site_paths(cfg.data.path)
-    from m2diff.data.simulate.cohort import generate_sites, plan_sites
-    from m2diff.data.simulate.settings import read_settings
+    from m2diff.data.generate.cohort import generate_sites, plan_sites
+    from m2diff.data.generate.settings import read_settings
     from m2diff.report import write_json
 
     gen = generate_cfg(cfg) if gen is None else gen
@@ -96,95 +94,30 @@ def ensure_sites(cfg: DictConfig, gen: DictConfig | None = None) -> list[Path]:
     return sites
 
 
-# ----------------------------------------------------------------------------- config
-def _hydra_value(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, list | tuple):
-        return "[" + ",".join(_hydra_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ",".join(f"{k}:{_hydra_value(v)}" for k, v in value.items()) + "}"
-    text = str(value)
-    return text if re.fullmatch(r"[\w./:+@-]+", text) else json.dumps(text)
-
-
-def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, dict):
-        out: dict[str, Any] = {}
-        for key, value in node.items():
-            out.update(_leaves(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: node}
-
-
-def run_overrides(cfg: DictConfig) -> list[str]:
-    """Hydra overrides (``++key=value``) that turn the default config into ``cfg``: what the
-    ServerApp and every ClientApp compose (generation settings and site paths left out)."""
-    def plain(c: DictConfig | ListConfig) -> Any:
-        return OmegaConf.to_container(c, resolve=True)
-
-    base = _leaves(plain(compose([])))
-    words = []
-    for key, value in _leaves(plain(cfg)).items():
-        if any(key == s or key.startswith(s + ".") for s in SKIP):
-            continue
-        if key not in base or base[key] != value:
-            words.append(f"++{key}={_hydra_value(value)}")
-    return words
-
-
 # ----------------------------------------------------------------------------- modes
 def run_federated(cfg: DictConfig, sites: list[Path], out: Path) -> list[dict[str, Any]]:
     """The Flower app on the simulation engine; rows of the last round (rounds.json)."""
-    import socket
-
-    from server.flwrctl import (
-        Federation,
-        FlowerError,
-        flower_env,
-        run_outcome,
-        stop_group,
-        tool,
-        write_connection,
-    )
+    from m2diff.ops import FlowerError
+    from m2diff.ops.flower import private_federation, run_outcome, tool
+    from m2diff.ops.procs import free_port, stop_group, wait_port
 
     out.mkdir(parents=True, exist_ok=True)
-    # A private FLWR_HOME outside out-dir: Flower installs the app bundle there, and a copy
-    # of the sources inside a folder of the app would end up in the next bundle.
-    home = Path(tempfile.mkdtemp(prefix="m2diff-flwr-"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    write_connection(home, "sim", f"127.0.0.1:{port}", insecure=True)  # loopback only
+    port = free_port()
     extra = {"RAY_ADDRESS": str(cfg.fl.ray_address)} if cfg.fl.get("ray_address") else {}
-    env = flower_env(home, extra)
-    ctl = Federation(home, "sim", env)
+    ctl = private_federation("sim", f"127.0.0.1:{port}", insecure=True, extra=extra)  # loopback only
     with open(out / "superlink.log", "ab") as log:
         link = subprocess.Popen(
             [tool("flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1",
              "--port", str(port), "--disable-runtime-dependency-installation"],
-            cwd=out, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            cwd=out, env=ctl.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if link.poll() is not None:
-                raise FlowerError(f"simulation SuperLink exited ({link.returncode}); see {out}/superlink.log")
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            if time.monotonic() > deadline:
-                raise FlowerError("simulation SuperLink did not start within 60 s")
-            time.sleep(0.3)
+        wait_port("127.0.0.1", port, link, "simulation SuperLink", log=f"{out}/superlink.log")
         cpus = float(cfg.fl.num_cpus)
         federation = {"num-supernodes": len(sites),
                       "client-resources-num-cpus": int(cpus) if cpus.is_integer() else cpus,
                       "client-resources-num-gpus": float(cfg.fl.num_gpus)}
-        run_config = {"out-dir": str(out), "overrides": " ".join(run_overrides(cfg)),
-                      "sim-sites": ",".join(str(p) for p in sites)}
+        run_config = {OUT_DIR_KEY: str(out), OVERRIDES_KEY: overrides_text(run_overrides(cfg)),
+                      SIM_SITES_KEY: ",".join(str(p) for p in sites)}
         run_id = ctl.submit(REPO, run_config, federation)
         print(f"m2diff simulate: Flower run {run_id}: {len(sites)} virtual sites, "
               f"{cfg.fl.rounds} rounds x {cfg.train.steps} steps", flush=True)
@@ -197,7 +130,7 @@ def run_federated(cfg: DictConfig, sites: list[Path], out: Path) -> list[dict[st
             raise FlowerError(f"federated run {text}; see {out}/superlink.log")
     finally:
         stop_group(link)
-        shutil.rmtree(home, ignore_errors=True)
+        ctl.close()
     rows = json.loads((out / "rounds.json").read_text()) if (out / "rounds.json").is_file() else []
     last = max((int(r["round"]) for r in rows), default=0)
     return [r for r in rows if int(r["round"]) == last]
@@ -261,9 +194,9 @@ def run_without_flower(cfg: DictConfig, sites: list[Path], out: Path) -> list[di
     from m2diff.checkpoint import save_checkpoint
     from m2diff.data.dataset import SliceSet, load_slices
     from m2diff.data.validate import validate_site
+    from m2diff.device import resolve_device
     from m2diff.model import build_model
     from m2diff.report import write_json
-    from m2diff.train import resolve_device
 
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
@@ -300,7 +233,7 @@ def run_without_flower(cfg: DictConfig, sites: list[Path], out: Path) -> list[di
 
 def run_mode(cfg: DictConfig, sites: list[Path], out: Path) -> list[dict[str, Any]]:
     """One of ``fl.mode`` federated | centralized | local into ``out``: its table rows
-    (m2diff.fedutil.metric_rows). Raises server.flwrctl.FlowerError when a federation fails."""
+    (m2diff.fedutil.metric_rows). Raises m2diff.ops.FlowerError when a federation fails."""
     if str(cfg.fl.mode) == "federated":
         return run_federated(cfg, sites, out)
     return run_without_flower(cfg, sites, out)
@@ -310,8 +243,8 @@ def run_all(cfg: DictConfig, sites: list[Path], out: Path, start: float) -> int:
     """``fl.mode=all``: federated, centralised and local on the same sites and budget, one
     table (also ``<out>/compare.csv`` and ``compare.md``)."""
     from m2diff.bench.summary import compare_rows, write_compare
+    from m2diff.ops import FlowerError
     from m2diff.report import print_table
-    from server.flwrctl import FlowerError
 
     results: dict[str, list[dict[str, Any]]] = {}
     for mode in ("federated", "centralized", "local"):
@@ -347,7 +280,7 @@ def run_simulate(cfg: DictConfig, args: dict[str, str]) -> int:
         return run_all(cfg, sites, out, start)
     out = out / mode
     if mode == "federated":
-        from server.flwrctl import FlowerError
+        from m2diff.ops import FlowerError
 
         try:
             rows = run_federated(cfg, sites, out)

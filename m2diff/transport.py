@@ -33,12 +33,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from m2diff.wire import FLAT_KEY
+
 FORMAT = "m2diff-flat-1"
 PACKED = ("float32", "float16", "bfloat16")
 # "arrays": Flower's own ArrayRecord, one object per array (no packing; for comparison)
 TRANSPORTS = (*PACKED, "arrays")
-FLAT_KEY = "flat"  # the packed vector's name in the ArrayRecord
-TRANSPORT_RECORD = "transport"  # ConfigRecord of a packed message: {"manifest": json}
 
 
 class TransportError(ValueError):

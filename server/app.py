@@ -36,6 +36,7 @@ from m2diff.fedutil import (
 from m2diff.model import build_model
 from m2diff.report import write_json
 from m2diff.transport import check_transport
+from m2diff.wire import OUT_DIR_KEY, REGISTERED_SITES_KEY
 from server.checkpoint import SITES_FILE, RoundRecorder, load_resume, save_global
 from server.privacy import (
     LEDGER_FILE,
@@ -57,7 +58,7 @@ class NothingTrained(RuntimeError):
 
 def out_dir(run_config: dict[str, Any], cfg: DictConfig) -> Path:
     """``out-dir`` of the run config, else ``cfg.out`` resolved against the working directory."""
-    value = str(run_config.get("out-dir", "") or "")
+    value = str(run_config.get(OUT_DIR_KEY, "") or "")
     if not value:
         log(WARNING, "run config has no out-dir; writing to %s", resolve_path(cfg.out))
     path = resolve_path(value or cfg.out)
@@ -125,7 +126,7 @@ def main(grid: Grid, context: Context) -> None:
     arrays = ArrayRecord(model.state_dict())
     state = {k: a.numpy() for k, a in arrays.items()}
     strategy = build_strategy(cfg.fl, array_spec(state), dtype_spec(state))
-    strategy.registered = parse_registered(str(context.run_config.get("registered-sites", "")))
+    strategy.registered = parse_registered(str(context.run_config.get(REGISTERED_SITES_KEY, "")))
     strategy.require_dp = str(cfg.privacy.get("kind", "none")) == "dp"
     if resume is not None and resume.server_state:
         strategy.load_server_state(resume.server_state)

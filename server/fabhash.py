@@ -6,7 +6,7 @@ fixed zip timestamps, so the bytes depend on the files only) and the SuperLink s
 ``Fab.hash_str = hashlib.sha256(fab_bytes).hexdigest()``: the same hex string
 ``flwr ls --format json`` shows as ``fab-hash``, the SuperNode receives with the app, and
 ``m2diff-client fab-hash`` prints for a vetted release. m2diff-server prints and records
-it for every run it submits (server/cli.py).
+it for every run it submits (server/coordinator.py).
 """
 
 from __future__ import annotations

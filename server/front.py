@@ -41,7 +41,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.flwrctl import FlowerError, start_logged, stop_group
+from m2diff.ops import FlowerError
+from m2diff.ops.logs import start_logged
+from m2diff.ops.procs import stop_group, wait_port
 
 # POST /v1/fleet/<route>: Flower 1.42's FleetHttpClient (flwr/supernode/fleet_http_client.py),
 # which is also every route of the SuperLink's fleet router. tests/server/test_front.py fails
@@ -248,24 +250,12 @@ class Front:
 
     def start(self, wait_s: float = 20.0) -> None:
         """Write the config and start nginx; return once it accepts connections."""
-        import socket
-
         self.reap()
         self.write()
         self.proc, _ = start_logged(self._cmd(), self.logger, None)
         host = "127.0.0.1" if self.settings.host in ("0.0.0.0", "::", "[::]") else self.settings.host
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise FlowerError(f"nginx (the TLS front) exited with status {self.proc.returncode} "
-                                  f"at start; see front.log")
-            with socket.socket() as sock:
-                sock.settimeout(0.5)
-                if sock.connect_ex((host.strip("[]"), self.settings.port)) == 0:
-                    return
-            time.sleep(0.1)
-        raise FlowerError(f"nginx (the TLS front) does not listen on {host}:{self.settings.port} "
-                          f"after {wait_s:.0f} s")
+        wait_port(host, self.settings.port, self.proc, "nginx (the TLS front)", wait_s, poll_s=0.1,
+                  log="front.log")
 
     def died(self) -> bool:
         return self.proc is not None and self.proc.poll() is not None

@@ -49,9 +49,9 @@ from flwr.supercore import log
 from omegaconf import DictConfig
 from opacus.accountants import RDPAccountant
 
-from server.strategy import WEIGHT_KEY, SiteAwareMixin
+from m2diff.wire import CLIPPING_KIND_KEY, WEIGHT_KEY
+from server.strategy import SiteAwareMixin
 
-CLIPPING_KIND_KEY = "central-dp-clipping"  # train config: "fixed" | "adaptive" (client side)
 LEDGER_FILE = "central_dp.json"
 # Strategies whose aggregate is the (weighted) mean the noise is calibrated to.
 MEAN_STRATEGIES = ("fedavg", "fedprox")

@@ -45,7 +45,8 @@ from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, comp
 from omegaconf import DictConfig
 
 from m2diff.fedutil import metric_problems, weight_problem
-from server.strategy import WEIGHT_KEY, SiteAwareMixin
+from m2diff.wire import REFUSED_KEY, WEIGHT_KEY
+from server.strategy import SiteAwareMixin
 
 SITE_METRIC = "site"  # the site's name, a string entry of the (plain-text) legacy fit metrics
 MEAN_STRATEGIES = ("fedavg", "fedprox")
@@ -189,7 +190,7 @@ class SecureTrainPhase:
             if problems:
                 log(WARNING, "round %d train: site %s metrics: %s", rnd, site, "; ".join(problems))
             self.site.train_metrics.setdefault(rnd, {})[site] = numbers
-            if numbers.get("dp_refused", 0) == 1:
+            if numbers.get(REFUSED_KEY, 0) == 1:
                 self.site.refused.setdefault(rnd, []).append(site)
         missing = sorted(asked - answered)
         if missing:

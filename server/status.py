@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from m2diff.config import ConfigError, resolve_path
-from server.flwrctl import Federation, FlowerError, flower_env, run_outcome, write_connection
-from server.runstate import STATE_FILE, clock, read_rows, read_state, truthy
+from m2diff.ops import FlowerError
+from m2diff.ops.flower import private_federation, run_outcome
+from m2diff.ops.words import truthy
+from server.runstate import STATE_FILE, clock, read_rows, read_state
 
 
 def _reported_sites(out: Path) -> dict[str, str]:
@@ -93,10 +93,8 @@ def status(args: dict[str, str]) -> int:
     if not insecure and (ca is None or not ca.is_file()):
         raise ConfigError(f"no CA certificate for {address}: give ca=CA.crt (or insecure=true)")
     rows = read_rows(out)
-    home = Path(tempfile.mkdtemp(prefix="m2diff-flwr-"))
+    ctl = private_federation("m2diff", address, ca, insecure=insecure)
     try:
-        write_connection(home, "m2diff", address, ca, insecure=insecure)
-        ctl = Federation(home, "m2diff", flower_env(home))
         reason = ""
         try:
             nodes: list[dict[str, Any]] | None = ctl.nodes()
@@ -108,7 +106,7 @@ def status(args: dict[str, str]) -> int:
             with contextlib.suppress(FlowerError, ValueError, subprocess.TimeoutExpired):
                 row = ctl.status(int(state["run_id"]))
     finally:
-        shutil.rmtree(home, ignore_errors=True)
+        ctl.close()
     running = _pid_alive(state.get("pid"))
     print(
         f"SuperLink {address} ({'plain HTTP' if insecure else 'TLS'}): "

@@ -52,12 +52,7 @@ from m2diff.fedutil import (
     update_problems,
     weight_problem,
 )
-
-SITE_RECORD = "site"  # ConfigRecord key of a reply: {"name": "<site name>"}
-WEIGHT_KEY = "num-examples"
-DP_EPSILON_KEY = "dp_epsilon"  # privacy=dp: the site's cumulative epsilon, in every train reply
-REFUSED_KEY = "dp_refused"  # privacy=dp: 1 when a site's budget is spent and it did not train
-
+from m2diff.wire import DP_EPSILON_KEY, REFUSED_KEY, SITE_RECORD, WEIGHT_KEY
 
 SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 

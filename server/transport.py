@@ -16,9 +16,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from m2diff.transport import PACKED, TRANSPORT_RECORD, TransportError, decode, encode
-
-ARRAYS_KEY = "arrays"
+from m2diff.transport import PACKED, TransportError, decode, encode
+from m2diff.wire import ARRAYS_KEY, TRANSPORT_RECORD
 
 
 @dataclass

@@ -21,7 +21,7 @@ def tiny_sites(tmp_path_factory, tiny_cfg) -> list[Path]:
 
     Read-only for tests: copy a site before breaking it.
     """
-    from m2diff.data.simulate.cohort import generate_sites
+    from m2diff.data.generate.cohort import generate_sites
 
     out = tmp_path_factory.mktemp("sites")
     return generate_sites(tiny_cfg.generate, out, seed=0, progress=False)

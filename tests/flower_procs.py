@@ -10,47 +10,23 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import socket
 import subprocess
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.flwrctl import (
-    Federation,
-    LogSettings,
-    file_logger,
-    flower_env,
-    stop_group,
-    toml_pairs,
-    tool,
-    write_connection,
-)
+from m2diff.ops import procs
+from m2diff.ops.flower import Federation, flower_env, toml_pairs, tool, write_connection
+from m2diff.ops.logs import LogSettings, file_logger
+from m2diff.ops.procs import free_port, stop_group
 from server.front import Front, FrontSettings
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on right now (127.0.0.1)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def wait_port(port: int, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
     """Wait until something accepts connections on 127.0.0.1:port."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before port {port} opened")
-        with socket.socket() as s:
-            s.settimeout(0.5)
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+    procs.wait_port("127.0.0.1", port, proc, "process", timeout, poll_s=0.2)
 
 
 @dataclass

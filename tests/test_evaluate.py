@@ -50,7 +50,7 @@ def test_summarise_groups():
 
 
 def test_evaluate_command_ld_only(request, tmp_path):
-    pytest.importorskip("m2diff.data.simulate.cohort")
+    pytest.importorskip("m2diff.data.generate.cohort")
     tiny_sites = request.getfixturevalue("tiny_sites")
     from m2diff.cli import main
 
@@ -69,7 +69,7 @@ def test_evaluate_command_ld_only(request, tmp_path):
 def test_evaluate_command_with_checkpoint(request, tmp_path):
     """A (untrained) unet checkpoint: its row follows the LD input row of each subject, and
     a site's flat metrics have the federated keys."""
-    pytest.importorskip("m2diff.data.simulate.cohort")
+    pytest.importorskip("m2diff.data.generate.cohort")
     checkpoint = pytest.importorskip("m2diff.checkpoint")
     tiny_sites = request.getfixturevalue("tiny_sites")
     from m2diff.cli import main

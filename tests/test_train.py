@@ -15,7 +15,8 @@ from m2diff.checkpoint import load_checkpoint, load_model
 from m2diff.cli import main
 from m2diff.config import ConfigError
 from m2diff.model import build_model
-from m2diff.train import EMA, run_train, train_steps
+from m2diff.train import EMA, train_steps
+from m2diff.train_command import run_train
 from tests.model.helpers import cfg_for, fake_slices
 
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from m2diff.model import build_model
-from m2diff.transport import FLAT_KEY, TransportError, check_transport, decode, encode
+from m2diff.transport import TransportError, check_transport, decode, encode
+from m2diff.wire import FLAT_KEY
 
 
 @pytest.fixture(scope="module")

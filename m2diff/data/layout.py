@@ -1,4 +1,4 @@
-"""A site folder in the METHOD.md layout: subjects, participants.tsv and file paths.
+"""A site folder in the docs/METHOD.md layout (section 4): subjects, participants.tsv and file paths.
 
 ```
 site/

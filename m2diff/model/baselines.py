@@ -1,4 +1,4 @@
-"""The two baselines of METHOD.md section 5, behind the same interfaces as M2Diff.
+"""The two baselines of docs/METHOD.md section 2, behind the same interfaces as M2Diff.
 
 - ``RegressionUNet`` (model=unet): MONAI's UNet, concat(LD, T1) -> SD, trained with MSE on SD.
 - ``ConcatDDPM`` (model=ddpm_concat): one MONAI DiffusionModelUNet on concat(x_t, LD, T1), a
@@ -16,14 +16,13 @@ from monai.networks.nets import DiffusionModelUNet, UNet
 from torch import Tensor, nn
 
 from m2diff.model.m2diff import ld_noise_level
+from m2diff.model.mri_keep import masked_t1
 
 
 def _t1_or_zeros(t1: Tensor | None, like: Tensor, mri_keep: Tensor | None) -> Tensor:
     if t1 is None:
         return torch.zeros_like(like)
-    if mri_keep is None:
-        return t1
-    return torch.where(mri_keep.to(t1.device, torch.bool).view(-1, 1, 1, 1), t1, torch.zeros_like(t1))
+    return masked_t1(t1, mri_keep)
 
 
 class RegressionUNet(nn.Module):

@@ -1,4 +1,5 @@
-"""Diffusion formulation, training loss and samplers (MONAI DDPM / DDIM schedulers) for all archs.
+"""Diffusion formulation, training loss and samplers (MONAI DDPM / DDIM schedulers) for all archs
+(docs/METHOD.md section 3).
 
 Everything lives in model space (docs/CONTRACTS.md). A *formulation* (``Formulation``, from
 ``model.formulation`` and the keys that override it) says
@@ -36,6 +37,7 @@ from torch import Tensor, nn
 
 from m2diff.config import ConfigError
 from m2diff.model import unwrap_model
+from m2diff.model.mri_keep import draw_keep
 
 DEFAULT_CLIP = (-1.0, 3.0)  # model space: -1 is zero activity; SD may exceed the LD p99.5 scale
 # Our names -> MONAI's prediction_type.
@@ -138,19 +140,6 @@ def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: to
     return torch.randn(shape, generator=generator, device=generator.device).to(device)
 
 
-def _rand(n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
-    if generator is None:
-        return torch.rand(n, device=device)
-    return torch.rand(n, generator=generator, device=generator.device).to(device)
-
-
-def _mri_keep(model: nn.Module, batch: int, generator: torch.Generator | None,
-              device: torch.device) -> Tensor:
-    """(B,) bool: which training samples keep their MRI (per sample, p(drop) = mri_dropout)."""
-    p = float(getattr(model, "mri_dropout", 0.0))
-    return _rand(batch, generator, device) >= p
-
-
 @dataclass
 class Draws:
     """The random draws of one minibatch: ``keep`` (B,) bool MRI kept, or None (eval mode
@@ -172,7 +161,8 @@ def draw(model: nn.Module, batch: Mapping[str, Tensor | None], scheduler: Any,
     ld, t1 = batch["ld"], batch.get("t1")
     assert ld is not None
     device, size = ld.device, ld.shape[0]
-    keep = _mri_keep(bare, size, generator, device) if bare.training else None
+    keep = draw_keep(float(getattr(bare, "mri_dropout", 0.0)), size, device, generator) \
+        if bare.training else None
     has_t1 = batch.get("has_t1")
     if has_t1 is not None and t1 is not None:
         has_t1 = has_t1.to(device=device, dtype=torch.bool)

@@ -1,4 +1,4 @@
-"""M2Diff: the dual-pathway (PET + MRI) conditional noise predictor of METHOD.md section 2.
+"""M2Diff: the dual-pathway (PET + MRI) conditional diffusion network of docs/METHOD.md section 2.
 
 Two encoder-decoder UNets built from MONAI's diffusion blocks share one timestep embedding:
 
@@ -32,6 +32,8 @@ from monai.networks.nets.diffusion_model_unet import (
     zero_module,
 )
 from torch import Tensor, nn
+
+from m2diff.model.mri_keep import draw_keep, keep_all, masked_t1
 
 
 def _conv(in_ch: int, out_ch: int, kernel: int = 3) -> Convolution:
@@ -225,14 +227,12 @@ class M2Diff(nn.Module):
         batch = x_t.shape[0]
         if t1 is None:
             t1 = torch.zeros_like(ld)
-            mri_keep = torch.zeros(batch, dtype=torch.bool, device=x_t.device)
+            mri_keep = ~keep_all(batch, x_t.device)
         elif mri_keep is None:
-            if self.training and self.mri_dropout > 0:
-                mri_keep = torch.rand(batch, device=x_t.device) >= self.mri_dropout
-            else:
-                mri_keep = torch.ones(batch, dtype=torch.bool, device=x_t.device)
+            mri_keep = draw_keep(self.mri_dropout, batch, x_t.device) \
+                if self.training and self.mri_dropout > 0 else keep_all(batch, x_t.device)
+        t1 = masked_t1(t1, mri_keep)
         keep = mri_keep.to(device=x_t.device, dtype=torch.bool).view(-1, 1, 1, 1)
-        t1 = torch.where(keep, t1, torch.zeros_like(t1))
         h_mri, s_mri = self.mri_encoder(torch.cat([x_t, t1], dim=1), emb)
         h_mri = torch.where(keep, h_mri, h_pet)
         s_mri = [torch.where(keep, m, p) for m, p in zip(s_mri, s_pet, strict=True)]

@@ -8,7 +8,7 @@ import csv
 import pytest
 
 from m2diff.config import ConfigError, compose
-from m2diff.data.simulate.settings import read_settings
+from m2diff.data.generate.settings import read_settings
 
 
 def _settings(*words: str):

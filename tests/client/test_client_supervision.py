@@ -11,8 +11,8 @@ from __future__ import annotations
 import sys
 import time
 
-from client.cli import run_supernode
-from server.flwrctl import LogSettings, close_logger, file_logger
+from client.supervise import run_supernode
+from m2diff.ops.logs import LogSettings, close_logger, file_logger
 
 LOST = r"""
 import signal, sys, time
@@ -42,7 +42,7 @@ def test_a_supernode_that_ends_after_a_long_spell_is_started_again(tmp_path, cap
     """Found while testing the restart above: a SuperNode that had been up longer than
     join-timeout and then ended made m2diff-client give up at once (it counted the failures
     from the start of the connected spell)."""
-    import client.cli as cli
+    import client.supervise as cli
 
     clock = [1000.0]
     monkeypatch.setattr(cli.time, "monotonic", lambda: clock[0])

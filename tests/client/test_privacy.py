@@ -25,7 +25,8 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from client.app import app
 from m2diff.data.validate import validate_site
 from m2diff.model import build_model
-from m2diff.transport import TRANSPORT_RECORD, decode, encode
+from m2diff.transport import decode, encode
+from m2diff.wire import TRANSPORT_RECORD
 from server.transport import Traffic, _pack_all
 
 OVERRIDES = "model=tiny train.steps=2 train.batch_size=2 sample.steps=2 device=cpu"

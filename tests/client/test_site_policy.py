@@ -19,7 +19,7 @@ from client.site_errors import SitePolicyError
 from client.site_policy import SitePolicy, check_noise, check_overrides, site_config
 from m2diff.config import compose
 from m2diff.model import build_model
-from m2diff.simulate import run_overrides
+from m2diff.runconfig import run_overrides
 
 BASE = "model=tiny train.steps=2 train.batch_size=2 sample.steps=2"
 _ids = itertools.count(1)

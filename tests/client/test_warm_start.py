@@ -1,4 +1,5 @@
-"""Warm ClientApp starts (client/warm_start.py): the preloader forks what m2diff-clientapp runs.
+"""Warm ClientApp starts (client/warm_start.py, client/preloader.py): the preloader forks what
+m2diff-clientapp runs.
 
 A real preloader process, a real ``m2diff-clientapp`` console script pointed at it: the
 child's output reaches the caller's own stdout/stderr, its exit status is the caller's, the
@@ -9,6 +10,7 @@ preloader the same command runs cold.
 from __future__ import annotations
 
 import os
+import runpy
 import subprocess
 import sys
 import time
@@ -23,18 +25,24 @@ def _clientapp(*args: str, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([str(exe), *args], capture_output=True, text=True, env=env, timeout=300)
 
 
+def test_both_sides_speak_the_same_protocol():
+    ns = runpy.run_path(str(REPO / "client" / "preloader.py"), run_name="probe")
+    assert ns["SOCKET_ENV"] == warm_start.SOCKET_ENV
+    assert ns["EXIT_CODE"].format == warm_start.EXIT_CODE.format
+
+
 def test_preloader_forks_the_clientapp_with_the_callers_stdio_and_status(tmp_path):
     sock = tmp_path / "warm.sock"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     probe = ("import sys; sys.argv = ['x']; import runpy; "
-             f"ns = runpy.run_path({str(REPO / 'client' / 'warm_start.py')!r}, run_name='probe'); "
+             f"ns = runpy.run_path({str(REPO / 'client' / 'preloader.py')!r}, run_name='probe'); "
              "ns['preload'](); "
              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('client', 'm2diff', 'server')))")
     out = subprocess.run([sys.executable, "-s", "-c", probe], capture_output=True, text=True,
                          env=env, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
 
-    preloader = subprocess.Popen([sys.executable, "-s", str(REPO / "client" / "warm_start.py"),
+    preloader = subprocess.Popen([sys.executable, "-s", str(REPO / "client" / "preloader.py"),
                                   str(sock), str(os.getpid())], env=env)
     try:
         deadline = time.monotonic() + 300

@@ -16,7 +16,7 @@ import ssl
 import subprocess
 from pathlib import Path
 
-from server.flwrctl import flower_env, tool, write_connection
+from m2diff.ops.flower import flower_env, tool, write_connection
 
 EVIL_PYPROJECT = """[build-system]
 requires = ["hatchling"]

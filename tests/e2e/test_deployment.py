@@ -48,7 +48,8 @@ import pytest
 import torch
 
 from client.app_pinning import app_hash
-from server.flwrctl import Federation, descendants, flower_env, toml_pairs, tool, write_connection
+from m2diff.ops.flower import Federation, flower_env, toml_pairs, tool, write_connection
+from m2diff.ops.procs import descendants
 from tests.e2e.public_port import assert_refused, attack
 from tests.flower_procs import REPO, LocalFederation, ProcessSet, free_port, make_certs, wait_port
 

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from server.flwrctl import ANSI, flower_env, toml_pairs, tool, write_connection
+from m2diff.ops.flower import flower_env, toml_pairs, tool, write_connection
+from m2diff.ops.logs import ANSI
 from tests import netlab
 from tests.e2e.public_port import flwr_json, raw
 from tests.flower_procs import REPO, ProcessSet

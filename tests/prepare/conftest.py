@@ -25,7 +25,7 @@ def prepare_cfg():
 def raw_export(tmp_path_factory, prepare_cfg) -> Path:
     """The export folder (``<root>/site-a-healthy``); ``<root>/truth/site-a-healthy.json``
     holds each subject's known PET -> T1 pose."""
-    from m2diff.data.simulate.export_raw import generate_exports
+    from m2diff.data.generate.export_raw import generate_exports
 
     root = tmp_path_factory.mktemp("raw")
     [site] = generate_exports(prepare_cfg.generate, prepare_cfg.export, root, seed=0)

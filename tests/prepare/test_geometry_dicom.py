@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from m2diff.data.simulate.dicom_export import SeriesHeader, uid, write_series
+from m2diff.data.generate.dicom_export import SeriesHeader, uid, write_series
 from m2diff.prepare.dicom_series import SeriesError, load_series, scan_series
 from m2diff.prepare.geometry import (
     canonical,

@@ -1,36 +1,14 @@
-"""m2diff-server / m2diff-client argument handling, run-config quoting (no processes)."""
+"""m2diff-server argument handling: the SuperLink command line, TLS checks (no processes)."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-from flwr.common.config import parse_config_args
-
-from client.cli import main as client_main
-from client.cli import supernode_command
-from m2diff.config import ConfigError, compose
-from m2diff.fedutil import compose_run_config, split_overrides
-from m2diff.simulate import run_overrides
 from server.cli import main as server_main
-from server.cli import superlink_command
-from server.flwrctl import toml_pairs
+from server.superlink import superlink_command
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def test_run_config_round_trip_through_flowers_parser():
-    cfg = compose(["model=unet", "train.steps=5", "fl.rounds=1", "data.split=[0.5,0.25,0.25]"])
-    overrides = " ".join(run_overrides(cfg))
-    values = {"out-dir": "/abs/out dir", "overrides": overrides}
-    parsed = parse_config_args([toml_pairs(values)])
-    assert parsed == values
-    again = compose_run_config(parsed)
-    assert again.model == cfg.model and again.train == cfg.train
-    assert list(again.data.split) == [0.5, 0.25, 0.25]
-    assert split_overrides('++a="x y" b=1') == ['++a="x y"', "b=1"]
 
 
 def test_superlink_command_is_loopback_tls_auth_by_default_and_refuses_bad_combinations(
@@ -68,24 +46,3 @@ def test_a_certificate_without_the_loopback_names_is_refused(tmp_path, capsys):
     code = server_main([f"out={tmp_path}/o", f"ca={bare.ca}", f"cert={bare.cert}", f"key={bare.key}"])
     assert code == 2
     assert "does not name IP:127.0.0.1 and DNS:localhost" in capsys.readouterr().err
-
-
-def test_client_refuses_unusable_site(tmp_path, tiny_sites, capsys):
-    empty = tmp_path / "empty-site"
-    empty.mkdir()
-    assert client_main(["superlink=127.0.0.1:1", "insecure=true", f"data={empty}"]) == 1
-    assert "no usable subjects" in capsys.readouterr().err
-    site = tmp_path / "site"
-    shutil.copytree(tiny_sites[0], site)
-    assert client_main(["superlink=h:8000", f"data={site}"]) == 2  # TLS needs the CA
-    cmd = supernode_command({"superlink": "h:8000", "insecure": "true", "data": str(site),
-                             "port": "9100"}, "hospital-a")
-    assert cmd[cmd.index("--node-config") + 1] == f"data-path='{site}' site-name='hospital-a'"
-    assert "--insecure" in cmd and cmd[cmd.index("--port") + 1] == "9100"
-    # A hospital that insists on DP says so in its node config; a typo is a clear error.
-    cmd = supernode_command({"superlink": "h:8000", "insecure": "true", "data": str(site),
-                             "require-privacy": "dp"}, "hospital-a")
-    assert "require-privacy='dp'" in cmd[cmd.index("--node-config") + 1]
-    with pytest.raises(ConfigError, match="require-privacy=dpp"):
-        supernode_command({"superlink": "h:8000", "insecure": "true", "data": str(site),
-                           "require-privacy": "dpp"}, "hospital-a")

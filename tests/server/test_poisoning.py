@@ -26,7 +26,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from m2diff.transport import TRANSPORT_RECORD, decode, encode
+from m2diff.transport import decode, encode
+from m2diff.wire import TRANSPORT_RECORD
 from server.app import NothingTrained, app
 
 OVERRIDES = "model=tiny fl.rounds={rounds} fl.min_sites={sites} device=cpu"

@@ -11,15 +11,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from m2diff.data.simulate.activity import fdg_activity, psf_blur
-from m2diff.data.simulate.anatomy import Warp, build_anatomy, draw_warp
-from m2diff.data.simulate.fields import random_field
-from m2diff.data.simulate.grid import Grid, make_grid
-from m2diff.data.simulate.mri import t1_weighted
-from m2diff.data.simulate.projector import projector
-from m2diff.data.simulate.scanner import acquire
-from m2diff.data.simulate.settings import Settings, SiteProfile
-from m2diff.data.simulate.templates import Templates, load_templates
+from m2diff.data.generate.activity import fdg_activity, psf_blur
+from m2diff.data.generate.anatomy import Warp, build_anatomy, draw_warp
+from m2diff.data.generate.fields import random_field
+from m2diff.data.generate.grid import Grid, make_grid
+from m2diff.data.generate.mri import t1_weighted
+from m2diff.data.generate.projector import projector
+from m2diff.data.generate.scanner import acquire
+from m2diff.data.generate.settings import Settings, SiteProfile
+from m2diff.data.generate.templates import Templates, load_templates
 from m2diff.regions import AD_REGIONS
 
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from m2diff.data.simulate.activity import FWHM_TO_SIGMA
-from m2diff.data.simulate.projector import Projector
+from m2diff.data.generate.activity import FWHM_TO_SIGMA
+from m2diff.data.generate.projector import Projector
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from m2diff.data.simulate.fields import random_field
+from m2diff.data.generate.fields import random_field
 
 
 def t1_weighted(t1: np.ndarray, contrast: float,

@@ -13,12 +13,12 @@ from skimage.transform import radon
 
 from m2diff.cli import main
 from m2diff.config import ConfigError, compose
+from m2diff.data.generate.cohort import generate_sites, plan_sites
+from m2diff.data.generate.projector import projector
+from m2diff.data.generate.settings import read_settings
+from m2diff.data.generate.subject import simulate_subject
 from m2diff.data.layout import PARTICIPANTS, ld_path, sd_path, t1_path
 from m2diff.data.nifti import load_volume
-from m2diff.data.simulate.cohort import generate_sites, plan_sites
-from m2diff.data.simulate.projector import projector
-from m2diff.data.simulate.settings import read_settings
-from m2diff.data.simulate.subject import simulate_subject
 from m2diff.regions import REFERENCE_REGION, ad_mask, region_mask
 
 

@@ -23,11 +23,11 @@ import nibabel as nib
 import numpy as np
 
 from m2diff.config import ConfigError
+from m2diff.data.generate.settings import Settings, SiteProfile, read_settings
+from m2diff.data.generate.subject import settings_grid, simulate_subject
+from m2diff.data.generate.templates import Templates, load_templates
 from m2diff.data.layout import ld_path, sd_path, t1_path, write_participants
 from m2diff.data.nifti import save_volume
-from m2diff.data.simulate.settings import Settings, SiteProfile, read_settings
-from m2diff.data.simulate.subject import settings_grid, simulate_subject
-from m2diff.data.simulate.templates import Templates, load_templates
 from m2diff.regions import REFERENCE_REGION, ad_mask, region_mask
 
 # Distinct leading words keep the site and subject seed streams apart.

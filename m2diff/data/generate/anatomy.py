@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from m2diff.data.simulate.fields import random_field
-from m2diff.data.simulate.grid import Grid
-from m2diff.data.simulate.templates import Templates
+from m2diff.data.generate.fields import random_field
+from m2diff.data.generate.grid import Grid
+from m2diff.data.generate.templates import Templates
 from m2diff.regions import AD_REGIONS
 
 CONTROL_MM = 24.0

@@ -18,12 +18,12 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-from m2diff.data.simulate.anatomy import BRAIN_CENTER_MM, anatomy_at, template_positions
-from m2diff.data.simulate.grid import Grid
-from m2diff.data.simulate.mri import t1_weighted
-from m2diff.data.simulate.settings import Settings, SiteProfile
-from m2diff.data.simulate.subject import SubjectVolumes, settings_grid, simulate_subject
-from m2diff.data.simulate.templates import Templates
+from m2diff.data.generate.anatomy import BRAIN_CENTER_MM, anatomy_at, template_positions
+from m2diff.data.generate.grid import Grid
+from m2diff.data.generate.mri import t1_weighted
+from m2diff.data.generate.settings import Settings, SiteProfile
+from m2diff.data.generate.subject import SubjectVolumes, settings_grid, simulate_subject
+from m2diff.data.generate.templates import Templates
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from m2diff.data.simulate.anatomy import Anatomy
+from m2diff.data.generate.anatomy import Anatomy
 
 WM_RELATIVE = 0.25   # white / grey matter uptake
 CSF_RELATIVE = 0.03  # CSF / grey matter uptake

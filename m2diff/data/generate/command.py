@@ -16,7 +16,7 @@ def run_generate(cfg: DictConfig, args: dict[str, str]) -> int:
     Returns 0, or 2 with one line on stderr when the output folder cannot be written.
     Bad settings raise ConfigError, which the CLI prints as one line.
     """
-    from m2diff.data.simulate.cohort import generate_sites
+    from m2diff.data.generate.cohort import generate_sites
 
     out = resolve_path(cfg.generate.get("out"))
     if out is None:
@@ -26,7 +26,7 @@ def run_generate(cfg: DictConfig, args: dict[str, str]) -> int:
     raw = cfg.get("export", {}).get("format", "site") == "raw"
     try:
         if raw:
-            from m2diff.data.simulate.export_raw import generate_exports
+            from m2diff.data.generate.export_raw import generate_exports
 
             sites = generate_exports(cfg.generate, cfg.export, out, seed=cfg.get("seed", 0),
                                      progress=sys.stderr.isatty() or sys.stdout.isatty())
@@ -39,7 +39,7 @@ def run_generate(cfg: DictConfig, args: dict[str, str]) -> int:
         print(f"m2diff generate: cannot write to {where}: {reason}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - start
-    from m2diff.data.simulate.settings import read_settings
+    from m2diff.data.generate.settings import read_settings
 
     n = sum(p.subjects for p in read_settings(cfg.generate).site_profiles)
     what = "raw export(s)" if raw else "site(s)"

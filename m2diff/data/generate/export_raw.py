@@ -26,9 +26,8 @@ from typing import Any
 import numpy as np
 
 from m2diff.config import ConfigError
-from m2diff.data.nifti import save_volume
-from m2diff.data.simulate.cohort import check_coverage, plan_sites
-from m2diff.data.simulate.dicom_export import (
+from m2diff.data.generate.cohort import check_coverage, plan_sites
+from m2diff.data.generate.dicom_export import (
     F18_HALF_LIFE_S,
     SeriesHeader,
     mr_tags,
@@ -36,9 +35,10 @@ from m2diff.data.simulate.dicom_export import (
     uid,
     write_series,
 )
-from m2diff.data.simulate.raw_subject import RawSubject, T1Grid, simulate_raw_subject
-from m2diff.data.simulate.settings import Settings, SiteProfile, read_settings
-from m2diff.data.simulate.templates import load_templates
+from m2diff.data.generate.raw_subject import RawSubject, T1Grid, simulate_raw_subject
+from m2diff.data.generate.settings import Settings, SiteProfile, read_settings
+from m2diff.data.generate.templates import load_templates
+from m2diff.data.nifti import save_volume
 
 _RAW_STREAM = 3  # beside cohort's site (1) and subject (2) streams
 SD_FRAME_S = 600.0  # a 10-minute static brain frame
