@@ -47,7 +47,8 @@ from server.privacy import (
 )
 from server.rounds import RoundTiming, run_rounds
 from server.secagg import SecureTrainPhase, check_secagg, secagg_settings
-from server.strategy import SiteAwareMixin, build_strategy, parse_registered
+from server.site_names import parse_registered
+from server.strategy import SiteAwareMixin, build_strategy
 
 app = ServerApp()
 

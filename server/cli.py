@@ -71,7 +71,7 @@ def serve(args: dict[str, str], overrides: list[str]) -> int:
     return the exit status."""
     import os
 
-    from server.strategy import check_strategy
+    from server.strategy_settings import check_strategy
 
     cfg = compose(overrides)  # fail fast on a bad setting, before any process starts
     overrides_text(overrides)  # ... or on words the apps would not get back whole

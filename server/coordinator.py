@@ -190,7 +190,7 @@ class Coordinator:
         write_state(self.out, self.state)
 
     def submit(self, resume: bool = False) -> int:
-        from server.strategy import format_registered
+        from server.site_names import format_registered
 
         overrides = list(self.overrides) + (["fl.resume=true"] if resume else [])
         app_dir = Path(self.args.get("app") or APP_DIR)

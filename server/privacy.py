@@ -51,10 +51,9 @@ from opacus.accountants import RDPAccountant
 
 from m2diff.wire import CLIPPING_KIND_KEY, WEIGHT_KEY
 from server.strategy import SiteAwareMixin
+from server.strategy_settings import MEAN_STRATEGIES
 
 LEDGER_FILE = "central_dp.json"
-# Strategies whose aggregate is the (weighted) mean the noise is calibrated to.
-MEAN_STRATEGIES = ("fedavg", "fedprox")
 
 
 class LedgerMissing(RuntimeError):

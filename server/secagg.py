@@ -47,9 +47,9 @@ from omegaconf import DictConfig
 from m2diff.fedutil import metric_problems, weight_problem
 from m2diff.wire import REFUSED_KEY, WEIGHT_KEY
 from server.strategy import SiteAwareMixin
+from server.strategy_settings import MEAN_STRATEGIES
 
 SITE_METRIC = "site"  # the site's name, a string entry of the (plain-text) legacy fit metrics
-MEAN_STRATEGIES = ("fedavg", "fedprox")
 
 
 def check_secagg(cfg: DictConfig) -> None:

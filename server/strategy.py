@@ -28,12 +28,9 @@ Error replies (a site that dropped out) are logged and skipped.
 
 from __future__ import annotations
 
-import math
-import re
 import statistics
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from logging import ERROR, INFO, WARNING
 from typing import Any
 
@@ -53,8 +50,8 @@ from m2diff.fedutil import (
     weight_problem,
 )
 from m2diff.wire import DP_EPSILON_KEY, REFUSED_KEY, SITE_RECORD, WEIGHT_KEY
-
-SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+from server.site_names import site_name_problem
+from server.strategy_settings import MEDIAN_MIN_SITES, UpdateLimits, check_strategy, trim_needs
 
 
 def reply_site(msg: Message) -> str | None:
@@ -62,54 +59,6 @@ def reply_site(msg: Message) -> str | None:
     record = msg.content.config_records.get(SITE_RECORD)
     name = record.get("name") if record is not None else None
     return str(name) if name is not None else None
-
-
-def site_name_problem(name: str) -> str | None:
-    """Why ``name`` cannot name a site (None: it can): 1-64 characters of ``A-Z a-z 0-9 . _ -``,
-    starting with a letter or digit, so it is safe in file names, logs and tables."""
-    if SITE_NAME.fullmatch(name):
-        return None
-    return f"site name {name[:40]!r} is not 1-64 characters of A-Z a-z 0-9 . _ -"
-
-
-def parse_registered(text: str) -> dict[int, str]:
-    """``"123=hospital-a 456=hospital-b"`` (run config ``registered-sites``) -> node id -> name;
-    ValueError on anything else."""
-    out: dict[int, str] = {}
-    for word in str(text or "").split():
-        node, sep, name = word.partition("=")
-        if not sep or not node.isdigit() or site_name_problem(name):
-            raise ValueError(f"registered-sites: {word!r} is not NODE_ID=SITE_NAME")
-        out[int(node)] = name
-    return out
-
-
-def format_registered(nodes: Mapping[Any, str]) -> str:
-    """The inverse of ``parse_registered`` (names that are not valid site names are left out)."""
-    return " ".join(f"{int(k)}={v}" for k, v in sorted(nodes.items(), key=lambda kv: int(kv[0]))
-                    if not site_name_problem(str(v)))
-
-
-@dataclass(frozen=True)
-class UpdateLimits:
-    """What one site's reply may be (``fl.update_check``; see the module doc)."""
-
-    max_num_examples: int = 1_000_000
-    norm_vs_median: float = 10.0
-    norm_vs_model: float = 100.0
-
-    @classmethod
-    def from_config(cls, fl: Mapping[str, Any]) -> UpdateLimits:
-        section = fl.get("update_check") or {}
-        limits = cls(**{k: type(getattr(cls, k))(section[k]) for k in
-                        ("max_num_examples", "norm_vs_median", "norm_vs_model") if k in section})
-        if limits.max_num_examples < 1:
-            raise ValueError(f"fl.update_check.max_num_examples={limits.max_num_examples} must be >= 1")
-        for key in ("norm_vs_median", "norm_vs_model"):
-            value = getattr(limits, key)
-            if not (value == 0 or (value >= 1 and math.isfinite(value))):
-                raise ValueError(f"fl.update_check.{key}={value} must be 0 (off) or >= 1")
-        return limits
 
 
 class SiteAwareMixin:
@@ -394,17 +343,6 @@ class SiteFedTrimmedAvg(SiteAwareMixin, FedTrimmedAvg):
         return trim_needs(float(self.beta))  # type: ignore[attr-defined]
 
 
-MEDIAN_MIN_SITES = 3
-
-
-def trim_needs(beta: float) -> int:
-    """Fewest updates of which Flower's trimmed mean (``int(beta * n)`` cut from each end)
-    drops at least one on each side."""
-    if not 0 < beta < 0.5:
-        return 10**9
-    return next(n for n in range(3, 10**6) if int(beta * n) >= 1)
-
-
 STRATEGIES: dict[str, type[SiteAwareMixin]] = {
     "fedavg": SiteFedAvg,
     "fedprox": SiteFedProx,
@@ -412,30 +350,6 @@ STRATEGIES: dict[str, type[SiteAwareMixin]] = {
     "fedmedian": SiteFedMedian,
     "fedtrimmedavg": SiteFedTrimmedAvg,
 }
-
-
-def check_strategy(fl: Mapping[str, Any]) -> None:
-    """Refuse, naming the setting, a strategy that does not exist or a robust one whose
-    settings make it trim nothing (a plain mean that one site can poison); and bad
-    ``fl.update_check`` limits."""
-    name = str(fl["strategy"]).lower()
-    if name not in STRATEGIES:
-        raise ValueError(f"fl.strategy={fl['strategy']}: choose one of {', '.join(STRATEGIES)}")
-    n = int(fl["min_sites"])
-    if name == "fedtrimmedavg":
-        beta = float(fl["trim_beta"])
-        if not 0 < beta < 0.5:
-            raise ValueError(f"fl.trim_beta={beta}: must be in (0, 0.5) (the share cut from each end)")
-        if int(beta * n) < 1:
-            raise ValueError(f"fl.strategy=fedtrimmedavg with fl.trim_beta={beta} trims int({beta} x "
-                             f"{n}) = 0 of fl.min_sites={n} updates: nothing would be trimmed. Raise "
-                             f"fl.min_sites to >= {trim_needs(beta)}, raise fl.trim_beta to >= "
-                             f"{1 / max(n, 1):.3g} (< 0.5), or use fl.strategy=fedmedian")
-    if name == "fedmedian" and n < MEDIAN_MIN_SITES:
-        raise ValueError(f"fl.strategy=fedmedian with fl.min_sites={n}: the median of fewer than "
-                         f"{MEDIAN_MIN_SITES} updates is their mean; raise fl.min_sites to >= "
-                         f"{MEDIAN_MIN_SITES}")
-    UpdateLimits.from_config(fl)
 
 
 def build_strategy(fl: DictConfig, expected_arrays: Mapping[str, tuple[int, ...]],

@@ -180,7 +180,7 @@ def test_weights_must_be_positive_integers_under_the_cap():
 
 
 def test_registered_names_cannot_be_claimed_by_another_node():
-    from server.strategy import format_registered, parse_registered
+    from server.site_names import format_registered, parse_registered
 
     strategy = build_strategy(_fl(), SPEC)
     strategy.registered = parse_registered(format_registered({"1": "site-a", "2": "site-b"}))
@@ -270,3 +270,10 @@ def test_fedadam_moments_survive_a_resume(tmp_path):
     blind.current_arrays = dict(first.current_arrays)
     assert not np.allclose(round_(blind, 2, -0.5)["w"].numpy(), expected["w"].numpy())
     assert build_strategy(_fl("fedavg"), SPEC).server_state() == {}
+
+
+def test_the_settings_check_names_exactly_the_strategies_built():
+    """m2diff-server checks fl.strategy without importing the strategies: both lists agree."""
+    from server.strategy_settings import STRATEGY_NAMES
+
+    assert tuple(STRATEGIES) == STRATEGY_NAMES
