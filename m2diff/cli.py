@@ -8,10 +8,13 @@ Errors a user can fix end as one line on stderr and exit status 2, never a trace
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from m2diff.config import ConfigError, compose, group_options
 
@@ -178,6 +181,10 @@ def _resolve(target: str) -> Callable[..., int]:
     return getattr(importlib.import_module(module), func)
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -194,6 +201,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(w in ("-h", "--help") for w in words):
         print(_command_usage(cmd))
         return 0
+    with contextlib.suppress(ValueError):  # not in the main thread (tests)
+        # SIGTERM (a scheduler's, a container's stop) unwinds like Ctrl-C, so that the
+        # SuperLink and Ray processes a simulation started are stopped, not orphaned
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         overrides, args = split_words(cmd, words)
         if cmd.sweep:

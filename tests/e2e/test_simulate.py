@@ -5,10 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import zipfile
 from io import BytesIO
+from pathlib import Path
 
 import pytest
 
@@ -106,3 +109,55 @@ def test_simulate_local_and_centralised_with_sample_level_dp(tmp_path, tiny_site
         assert set(spent) == {p.name for p in tiny_sites}
         assert all(0 < eps < float("inf") for eps in spent.values())
     assert len(set(spent.values())) == 1  # centralised: one model, one epsilon for every site
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_simulate_stopped_with_sigterm_leaves_no_processes(tmp_path, tiny_sites):
+    """A scheduler or a container stop sends SIGTERM: the simulation's SuperLink, Flower's
+    SuperExec, the flwr-simulation process and Ray's processes end with it."""
+
+    from m2diff.ops.procs import descendants
+
+    data = "data.path=[" + ",".join(str(p) for p in tiny_sites) + "]"
+    proc = subprocess.Popen([sys.executable, "-m", "m2diff.cli", "simulate", data,
+                             f"out={tmp_path}", "fl.rounds=3", "train.steps=500", "device=cpu",
+                             "fl.min_sites=3"], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 300
+        family: list[int] = []
+        while time.monotonic() < deadline and proc.poll() is None:
+            family = descendants(proc.pid)
+            if any("flwr-simulation" in _cmdline(p) for p in family):
+                break
+            time.sleep(1)
+        assert any("flwr-simulation" in _cmdline(p) for p in family), "the simulation never started"
+        time.sleep(5)  # Ray's processes under way
+        family = descendants(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 130
+        time.sleep(2)
+        left = {p: _cmdline(p)[:120] for p in family if _alive(p)}
+        assert not left, left
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in family:  # what a failed run left: not for the next test to meet
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
