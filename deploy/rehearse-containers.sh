@@ -22,6 +22,7 @@
 #   SKIP_BUILD=1       use the images as they are
 #   REHEARSAL_PROJECT  name prefix of what is created (default m2diff-rehearsal-PID)
 #   REHEARSAL_TIMEOUT  seconds the coordinator may take (default 1800)
+#   REHEARSAL_COMPOSE  another compose file in deploy/ (default deploy/compose.yaml)
 #   REHEARSAL_OUT      folder for the containers' logs and the coordinator's output
 #                      (default: a new folder under ${TMPDIR:-/tmp}); kept afterwards
 #   PYTHON             a python3 with PyYAML for compose2run.py (default: .venv/bin/python
@@ -32,7 +33,7 @@ set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 DEPLOY=$REPO/deploy
-COMPOSE=$DEPLOY/compose.yaml
+COMPOSE=${REHEARSAL_COMPOSE:-$DEPLOY/compose.yaml}
 ENGINE=${CONTAINER_ENGINE:-}
 if [ -z "$ENGINE" ]; then
   if command -v docker >/dev/null 2>&1; then ENGINE=docker; else ENGINE=podman; fi
@@ -40,6 +41,10 @@ fi
 command -v "$ENGINE" >/dev/null 2>&1 || { echo "rehearse: no container engine '$ENGINE'" >&2; exit 2; }
 read -r -a FLAGS <<< "${CONTAINER_FLAGS:-}"
 read -r -a BFLAGS <<< "${BUILD_FLAGS:-}"
+# compose's healthcheck is polled by this script (ENGINE exec); podman runs an image's
+# HEALTHCHECK through systemd, which a container host may not have
+RUNFLAGS=()
+if [ "$ENGINE" = podman ]; then RUNFLAGS+=(--no-healthcheck); fi
 PROJECT=${REHEARSAL_PROJECT:-m2diff-rehearsal-$$}
 TIMEOUT=${REHEARSAL_TIMEOUT:-1800}
 OUT=${REHEARSAL_OUT:-$(mktemp -d "${TMPDIR:-/tmp}/m2diff-rehearsal.XXXXXX")}
@@ -63,6 +68,7 @@ cleanup() {
   trap - EXIT INT TERM
   for name in "${CONTAINERS[@]}"; do
     e logs "$name" > "$OUT/logs/$name.log" 2>&1 || true
+    e stop -t 5 "$name" >/dev/null 2>&1 || true
     e rm -f "$name" >/dev/null 2>&1 || echo "rehearse: could not remove container $name" >&2
   done
   for name in "${NETWORKS[@]}"; do
@@ -106,8 +112,8 @@ T1=$(date +%s)
 # app folder that the coordinator image submits (the same files), or every site refuses it
 while read -r image dockerfile; do
   case $dockerfile in
-    *coordinator*) pin=$(e run --rm --network none --entrypoint m2diff-client "$image" fab-hash /opt/m2diff) ;;
-    *) hashes+=("$image $(e run --rm --network none --entrypoint cat "$image" /opt/m2diff-app.sha256)") ;;
+    *coordinator*) pin=$(e run --rm "${RUNFLAGS[@]}" --network none --entrypoint m2diff-client "$image" fab-hash /opt/m2diff) ;;
+    *) hashes+=("$image $(e run --rm "${RUNFLAGS[@]}" --network none --entrypoint cat "$image" /opt/m2diff-app.sha256)") ;;
   esac
 done < <(c2r builds)
 for h in "${hashes[@]}"; do
@@ -137,12 +143,12 @@ while read -r svc kind; do
   case $kind in
     once)
       t=$(date +%s)
-      e run "${run[@]}" > "$OUT/logs/$name.out" 2>&1 \
+      e run "${RUNFLAGS[@]}" "${run[@]}" > "$OUT/logs/$name.out" 2>&1 \
         || { cat "$OUT/logs/$name.out" >&2; say "$svc failed"; exit 1; }
       say "$svc done in $(since "$t") s: $(tail -1 "$OUT/logs/$name.out")"
       ;;
     healthy)
-      e run -d "${run[@]}" >/dev/null
+      e run -d "${RUNFLAGS[@]}" "${run[@]}" >/dev/null
       mapfile -d '' -t check < <(c2r health "$svc")
       t=$(date +%s)
       until e exec "$name" "${check[@]}" >/dev/null 2>&1; do
@@ -153,7 +159,7 @@ while read -r svc kind; do
       say "$svc healthy after $(since "$t") s"
       ;;
     *)
-      e run -d "${run[@]}" >/dev/null
+      e run -d "${RUNFLAGS[@]}" "${run[@]}" >/dev/null
       say "$svc started"
       ;;
   esac
@@ -187,7 +193,7 @@ image=$(c2r builds | awk '$2 ~ /coordinator/ {print $1}')
 name=$PROJECT-check
 CONTAINERS+=("$name")
 set +e
-e run -i --name "$name" --network none -v "$runs:/runs:ro" --entrypoint python "$image" - \
+e run -i "${RUNFLAGS[@]}" --name "$name" --network none -v "$runs:/runs:ro" --entrypoint python "$image" - \
   "$out_dir" "$rounds" "$sites" "$rc" > "$OUT/check.txt" 2>&1 <<'EOF'
 import json, sys
 from pathlib import Path
@@ -222,7 +228,7 @@ EOF
 ok=$?
 set -e
 sed 's/^/  /' "$OUT/check.txt"
-e run --rm --network none -v "$runs:/runs:ro" --entrypoint tar "$image" -C /runs -cf - . \
+e run --rm "${RUNFLAGS[@]}" --network none -v "$runs:/runs:ro" --entrypoint tar "$image" -C /runs -cf - . \
   | tar -C "$OUT" -xf - 2>/dev/null || true
 if [ "$ok" = 0 ]; then
   say "PASS: $(echo "$sites" | wc -w) sites, $rounds rounds; built in $(( T1 - T0 )) s, rehearsal $(since "$T1") s"
