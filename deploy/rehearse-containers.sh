@@ -179,7 +179,8 @@ done
 rc=$(exit_code "$COORD")
 say "coordinator exited with $rc after $(since "$t") s of federation"
 e logs "$COORD" > "$OUT/logs/$COORD.log" 2>&1 || true
-grep -E "app \(FAB\) sha256|round [0-9]+/[0-9]+ done|trained|rejected|finished" "$OUT/logs/$COORD.log" \
+grep -E "^m2diff-server: .*(app \(FAB\) sha256|round [0-9]+/[0-9]+ done|rejected|finished|no site)" \
+  "$OUT/logs/$COORD.log" \
   | sed 's/^/  /' | tail -20 || true
 
 # -- check the output in the runs volume (with the coordinator image: torch reads the checkpoint)
