@@ -10,6 +10,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tomllib
 from functools import cache
 from pathlib import Path
@@ -115,11 +116,60 @@ def test_dockerfile_sources_exist_and_basics(dockerfile):
     run = " ".join(args for word, args in ins if word == "RUN")
     assert "pip install ." in run
     if dockerfile.name == "Dockerfile.site-cuda":
-        base = next(args for word, args in ins if word == "ARG" and args.startswith("BASE="))
+        base = next(args for word, args in ins if word == "ARG" and args.startswith("BASE_IMAGE="))
         assert base.split("=", 1)[1].startswith(("pytorch/pytorch:", "nvidia/cuda:"))
     else:  # CPU torch first, as scripts/bootstrap.sh does
         assert "torch==2.13.0" in " ".join(args for word, args in ins if word == "ARG")
         assert run.index("TORCH_INDEX") < run.index("pip install .")
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfiles_build_from_any_base(dockerfile):
+    """``--build-arg BASE_IMAGE=...`` picks the base; the default is the official image. The
+    CPU images make a venv from the base's python3 (a distribution's python3 has no
+    ``python``) and pass the wheel sources to pip as build arguments only."""
+    ins = instructions(dockerfile)
+    first_from = next(i for i, (word, _) in enumerate(ins) if word == "FROM")
+    args_before = [args for word, args in ins[:first_from] if word == "ARG"]
+    assert [a.split("=", 1)[0] for a in args_before] == ["BASE_IMAGE"], args_before
+    default = args_before[0].split("=", 1)[1]
+    assert [args for word, args in ins if word == "FROM"] == ["${BASE_IMAGE}"]
+    if dockerfile.name == "Dockerfile.site-cuda":
+        assert default.startswith("pytorch/pytorch:")
+        return
+    assert re.fullmatch(r"python:3\.1[1-9]-slim", default), default
+    run = [args for word, args in ins if word == "RUN"]
+    assert "python3 -m venv /opt/venv" in run[0]
+    env = " ".join(args for word, args in ins if word == "ENV")
+    assert "PATH=/opt/venv/bin:$PATH" in env
+    arg_names = {args.split("=", 1)[0] for word, args in ins if word == "ARG"}
+    assert {"PIP_FIND_LINKS", "TORCH_INDEX", "TORCH_SPEC"} <= arg_names
+    assert "PIP_FIND_LINKS" not in env  # a build argument, not baked into the image
+    # an empty PIP_FIND_LINKS is unset before pip runs (pip reads the variable itself)
+    for step in run:
+        if "pip install" in step:
+            assert "unset PIP_FIND_LINKS" in step, step[:120]
+
+
+def test_cpu_images_share_their_torch_and_dependency_layers():
+    """The coordinator and the CPU site image begin with the same instructions (torch, then
+    the dependencies from pyproject.toml alone), so the engine builds those layers once; the
+    code is copied after them, so a code change rebuilds only the small layers."""
+    coord = instructions(DEPLOY / "Dockerfile.coordinator")
+    site = instructions(DEPLOY / "Dockerfile.site-cpu")
+    shared = 0
+    while coord[shared] == site[shared]:
+        shared += 1
+    prefix = " ".join(args for _, args in coord[:shared])
+    assert "TORCH_SPEC" in prefix and "pip install -r" in prefix and "COPY pyproject.toml" \
+        in " ".join(f"{w} {a}" for w, a in coord[:shared])
+    # both images hold the same app folder (the FAB the coordinator submits, the site pins),
+    # copied after the shared layers
+    app_dirs = ("./", "./m2diff", "./client", "./server", "./conf")
+    app = {name: [(i, a) for i, (w, a) in enumerate(ins) if w == "COPY" and a.endswith(app_dirs)]
+           for name, ins in (("coordinator", coord), ("site", site))}
+    assert [a for _, a in app["coordinator"]] == [a for _, a in app["site"]]
+    assert len(app["site"]) == 5 and min(i for i, _ in app["site"] + app["coordinator"]) > shared
 
 
 def test_coordinator_image_and_ci_install_the_front():
@@ -298,3 +348,96 @@ def test_make_certs_produces_verified_cert_with_sans_and_site_keys(tmp_path):
                    check=True, capture_output=True, timeout=300)
     assert (out / "ca.crt").read_bytes() == ca_before
     assert (out / "sites" / "hospital-a.key").read_bytes() == key_before
+
+
+# -- compose2run.py and rehearse-containers.sh -------------------------------------------------
+
+def compose2run(*args: str) -> str:
+    res = subprocess.run([sys.executable, str(DEPLOY / "compose2run.py"), "-p", "proj", *args],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def test_compose2run_matches_compose_yaml():
+    """Every service's `run` arguments hold exactly what compose.yaml says: image, entry
+    point, command, volumes (named ones as PROJECT_NAME), network, hostname, restart."""
+    doc = compose_file()
+    services = doc["services"]
+    order = [line.split() for line in compose2run("services").splitlines()]
+    assert sorted(n for n, _ in order) == sorted(services)
+    position = {n: i for i, (n, _) in enumerate(order)}
+    for name, svc in services.items():
+        for dep, cond in svc.get("depends_on", {}).items():
+            assert position[dep] < position[name]
+            kind = dict(order)[dep]
+            assert kind == {"service_completed_successfully": "once",
+                            "service_healthy": "healthy"}.get(cond["condition"], kind)
+    assert dict(order)["coordinator"] == "healthy" and dict(order)["certs"] == "once"
+    assert compose2run("volumes").split() == [f"proj_{v}" for v in doc["volumes"]]
+    assert compose2run("networks").split() == ["proj_fednet", "internal"]
+    builds = dict(line.split() for line in compose2run("builds").splitlines())
+    assert builds == {svc["image"]: svc["build"]["dockerfile"] for svc in services.values()
+                      if "build" in svc}
+    for name, svc in services.items():
+        words = compose2run("run", name).split("\0")
+        assert words[-1] == ""
+        words = words[:-1]
+        opts: dict[str, list[str]] = {}
+        i = 0
+        while words[i].startswith("-"):
+            opts.setdefault(words[i], []).append(words[i + 1])
+            i += 2
+        image, rest = words[i], words[i + 1:]
+        assert image == svc["image"]
+        entry = svc.get("entrypoint") or []
+        assert opts.get("--entrypoint", []) == entry[:1]
+        assert rest == [*entry[1:], *svc["command"]], name
+        assert opts["--name"] == [f"proj-{name}-1"]
+        expected = []
+        for mount in svc.get("volumes", []):
+            src, rest_ = mount.split(":", 1)
+            src = str((DEPLOY / src).resolve()) if src.startswith(".") else f"proj_{src}"
+            expected.append(f"{src}:{rest_}")
+        assert opts.get("-v", []) == expected, name
+        if "network_mode" in svc:
+            assert opts["--network"] == [svc["network_mode"]]
+        else:
+            assert opts["--network"] == [f"proj_{n}" for n in svc["networks"]]
+            assert opts["--network-alias"] == [name] * len(svc["networks"])
+        assert opts.get("--hostname", []) == ([svc["hostname"]] if "hostname" in svc else [])
+        restart = svc.get("restart", "no")
+        assert opts.get("--restart", []) == ([] if restart == "no" else [restart])
+    health = compose2run("health", "coordinator").split("\0")[:-1]
+    assert health == services["coordinator"]["healthcheck"]["test"][1:]
+
+
+def test_compose2run_refuses_what_it_does_not_translate(tmp_path):
+    doc = compose_file()
+    doc["services"]["coordinator"]["ports"] = ["8000:8000"]
+    path = tmp_path / "compose.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    res = subprocess.run([sys.executable, str(DEPLOY / "compose2run.py"), "-f", str(path),
+                          "services"], capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0 and "ports" in res.stderr
+
+
+def test_rehearsal_script_runs_only_compose_services():
+    """deploy/rehearse-containers.sh starts the services from compose2run's arguments, in its
+    order; its only other containers are helpers without a network (the app-pin comparison,
+    the output check and copy). Everything it creates is removed by the EXIT trap."""
+    script = DEPLOY / "rehearse-containers.sh"
+    res = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    text = script.read_text()
+    runs = [line.strip() for line in text.splitlines() if re.search(r"\be run\b", line)]
+    services = [r for r in runs if '"${run[@]}"' in r]
+    helpers = [r for r in runs if r not in services]
+    assert len(services) == 3  # once, healthy, service
+    assert helpers and all("--network none" in r for r in helpers), helpers
+    assert "c2r services" in text and "c2r run" in text and "c2r networks" in text
+    assert "c2r volumes" in text and "c2r builds" in text
+    assert "trap cleanup EXIT" in text
+    for kind in ("CONTAINERS", "NETWORKS", "VOLUMES"):
+        assert f"{kind}+=(" in text
+    assert 'CONTAINER_ENGINE' in text and 'CONTAINER_FLAGS' in text and "BASE_IMAGE" in text
