@@ -172,15 +172,18 @@ def test_cpu_images_share_their_torch_and_dependency_layers():
     assert len(app["site"]) == 5 and min(i for i, _ in app["site"] + app["coordinator"]) > shared
 
 
-def test_coordinator_image_and_ci_install_the_front():
-    """The public port is nginx (server/front.py): the coordinator image has it, .ci/run
-    installs it where it is missing and fails loudly where it cannot."""
+def test_coordinator_image_and_the_test_command_install_the_front():
+    """The public port is nginx (server/front.py): the coordinator image has it; the README's
+    test command (scripts/test.sh, which .ci/run calls) installs it where it is missing,
+    before pytest, and fails loudly where it cannot."""
     run = " ".join(args for word, args in instructions(DEPLOY / "Dockerfile.coordinator")
                    if word == "RUN")
     assert re.search(r"apt-get install [^&]*\bnginx\b", run)
-    ci = (REPO / ".ci" / "run").read_text()
-    assert "command -v nginx" in ci and "apt-get install" in ci and "exit 1" in ci
-    assert ci.index("apt-get install") < ci.index("bash scripts/test.sh")
+    ensure = (REPO / "scripts" / "ensure-nginx.sh").read_text()
+    assert "command -v nginx" in ensure and "apt-get install" in ensure and "exit 1" in ensure
+    test = (REPO / "scripts" / "test.sh").read_text()
+    assert test.index("bash scripts/ensure-nginx.sh") < test.index("-m pytest")
+    assert "bash scripts/test.sh" in (REPO / ".ci" / "run").read_text()
 
 
 def test_dockerignore_keeps_data_out():
