@@ -127,6 +127,35 @@ def _copy(content: RecordDict) -> RecordDict:
                        for k, v in content.items()})
 
 
+class _StageReport:
+    """The grid as the SecAgg+ workflow sees it: Flower's own, plus one WARNING per site that
+    answers a protocol stage with an error or not at all. Flower's workflow drops such sites
+    silently (DEBUG counts only), and with too few left it halts the round; without these
+    lines the coordinator learns only that no site's masked update arrived."""
+
+    def __init__(self, grid: Grid, site: SiteAwareMixin, rnd: int) -> None:
+        self._grid, self._site, self._rnd = grid, site, rnd
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Any]:
+        messages = list(messages)
+        asked = {int(m.metadata.dst_node_id) for m in messages}
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        for reply in replies:
+            if reply.has_error():
+                node = int(reply.metadata.src_node_id)
+                who = f"site {self._site.site_name(node)}" if node in asked else "Flower (no site)"
+                log(WARNING, "round %d secure aggregation: %s answered a stage with an error: %s",
+                    self._rnd, who, str(reply.error.reason)[:300])
+        silent = asked - {int(r.metadata.src_node_id) for r in replies}
+        if silent:
+            log(WARNING, "round %d secure aggregation: no answer to a stage from %s within %s s",
+                self._rnd, ", ".join(sorted(self._site.site_name(n) for n in silent)), timeout)
+        return replies
+
+
 class SecureTrainPhase:
     """One round's train phase under SecAgg+; a drop-in for send + ``aggregate_train``.
 
@@ -161,7 +190,7 @@ class SecureTrainPhase:
             max_weight=float(sa.max_weight), clipping_range=float(sa.clipping_range),
             quantization_range=int(sa.quantization_range), modulus_range=int(sa.modulus_range),
             timeout=self.timeout)
-        workflow(grid, legacy)
+        workflow(_StageReport(grid, self.site, rnd), legacy)  # type: ignore[arg-type]
         self._record(rnd, plan, set(contents))
         if plan.mean is None:
             log(WARNING, "round %d: secure aggregation produced no mean (too few sites answered "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import logging
 import time
 from collections.abc import Iterable
 
@@ -22,13 +23,14 @@ from flwr.app import (
     ArrayRecord,
     ConfigRecord,
     Context,
+    Error,
     Message,
     MessageType,
     Metadata,
     RecordDict,
 )
 from flwr.common.secure_aggregation.quantization import quantize
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import app
@@ -160,6 +162,64 @@ def test_coordinator_receives_no_single_update(secure_round):
         assert near.mean() < 0.01
         # Masks are uniform over the modulus: the masked values spread over it.
         assert got.max() > int(sa.quantization_range)
+
+
+class FailingSiteGrid(LoopbackGrid):
+    """LoopbackGrid where site ``node`` fails ``stage`` of the protocol: it answers with an
+    error (its ClientApp raised) or, with ``silent``, not at all (it went offline)."""
+
+    def __init__(self, contexts: dict[int, Context], node: int, stage: str, silent: bool) -> None:
+        super().__init__(contexts)
+        self.node, self.stage, self.silent = node, stage, silent
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
+                         ) -> list[Message]:
+        messages = list(messages)
+        configs = messages[0].content.config_records.get(RECORD_KEY_CONFIGS) if messages else None
+        if configs is None or configs.get(Key.STAGE) != self.stage:
+            return super().send_and_receive(messages, timeout=timeout)
+        out = super().send_and_receive([m for m in messages if m.metadata.dst_node_id != self.node],
+                                       timeout=timeout)
+        if not self.silent:
+            meta = Metadata(run_id=1, message_id="failed", src_node_id=self.node, dst_node_id=0,
+                            reply_to_message_id="", group_id="1", created_at=time.time(), ttl=600.0,
+                            message_type=MessageType.TRAIN)
+            out.append(Message(error=Error(code=0, reason="ClientApp raised ValueError"), metadata=meta))
+        return out
+
+
+@pytest.mark.parametrize("stage, silent", [(Stage.COLLECT_MASKED_VECTORS, False), (Stage.UNMASK, True)])
+def test_one_failing_site_leaves_the_mean_of_the_others_and_is_named(tiny_sites, caplog, stage, silent):
+    """Three sites, reconstruction threshold 2 of 3 (the default 0.67): a site that fails the
+    masked-vector stage (its update never arrives) or goes silent before unmasking (the others
+    reveal its mask) costs the round nothing but its own update, and the coordinator's log
+    says which site failed which way."""
+    cfg = compose(OVERRIDES.split() + ["fl.secagg.enabled=true", "fl.secagg.max_weight=64"])
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    try:
+        arrays = ArrayRecord(build_model(cfg.model).state_dict())
+        contexts = {nid: Context(run_id=1, node_id=nid, node_config={"data-path": str(site)},
+                                 state=RecordDict(), run_config={"overrides": OVERRIDES, "out-dir": ""})
+                    for nid, site in zip(NODES, tiny_sites, strict=True)}
+        strategy = build_strategy(cfg.fl, array_spec({k: a.numpy() for k, a in arrays.items()}))
+        ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+        phase = SecureTrainPhase(strategy, strategy, ctx, cfg.fl.secagg, timeout=60.0)
+        with caplog.at_level(logging.WARNING, logger="flwr"):
+            new = phase(1, arrays, FailingSiteGrid(contexts, NODES[2], stage, silent),
+                        ConfigRecord())  # type: ignore[arg-type]
+    finally:
+        TaskIdentity._run_id = TaskIdentity._node_id = TaskIdentity._task_id = None
+    assert new is not None, caplog.text
+    assert any(not np.array_equal(new[k].numpy(), arrays[k].numpy()) for k in arrays)
+    # Named as the coordinator knows it at that stage: its site name, or its node id before
+    # the site has sent its name (it arrives with the train metrics).
+    how = "no answer to a stage from" if silent else "answered a stage with an error"
+    names = (strategy.site_name(NODES[2]), f"node-{NODES[2]}")
+    lines = [r.getMessage() for r in caplog.records if how in r.getMessage()]
+    assert len(lines) == 1 and any(n in lines[0] for n in names), caplog.text
+    assert not any(n in lines[0] for n in (strategy.site_name(NODES[0]), strategy.site_name(NODES[1])))
+    if stage == Stage.COLLECT_MASKED_VECTORS:  # its update is not in the mean: not reported trained
+        assert sorted(strategy.train_metrics[1]) == sorted(strategy.site_name(n) for n in NODES[:2])
 
 
 def test_site_refuses_to_send_a_broken_update():
