@@ -99,6 +99,18 @@ class ProcessSet:
         path = self.workdir / f"{name}.log"
         return path.read_text(errors="replace") if path.is_file() else ""
 
+    def failure_report(self, *names: str, keep: int = 40) -> str:
+        """For an assertion message: from each named log, every line that says something
+        went wrong or marks a protocol step (warnings, errors, SecAgg+ stages, messages
+        sent and received), the last ``keep`` of them; the whole log is read, not its tail."""
+        marks = ("WARN", "ERROR", "Stage", "Exit Code", "Traceback", "Error", "rror:",
+                 "Receiving:", "Sending:", "done in", "timed out")
+        parts: list[str] = []
+        for name in names:
+            lines = [ln.strip() for ln in self.log(name).splitlines() if any(m in ln for m in marks)]
+            parts += [f"--- {name}: {len(lines)} marked line(s), the last {keep} ---", *lines[-keep:]]
+        return "\n".join(parts)
+
     def close(self) -> None:
         for proc in reversed(self.procs):
             stop_group(proc, grace_s=5)

@@ -112,7 +112,7 @@ def test_three_hospitals_tls_auth_one_round(tmp_path, tiny_sites):
         assert raw(coord, PORT, pki / "ca.crt", "POST", "/v1/runtime/get-nodes", b"x",
                    prefix=prefix) == 404
 
-        assert server.wait(timeout=600) == 0, procs.log("server")[-4000:]
+        assert server.wait(timeout=600) == 0, procs.failure_report("server", *hospitals)
         rows = json.loads((out / "rounds.json").read_text())
         assert {r["round"] for r in rows} == {1}
         assert {r["site"] for r in rows} == set(hospitals), "exactly the registered sites trained"
