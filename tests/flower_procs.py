@@ -104,7 +104,7 @@ class ProcessSet:
         went wrong or marks a protocol step (warnings, errors, SecAgg+ stages, messages
         sent and received), the last ``keep`` of them; the whole log is read, not its tail."""
         marks = ("WARN", "ERROR", "Stage", "Exit Code", "Traceback", "Error", "rror:",
-                 "Receiving:", "Sending:", "done in", "timed out")
+                 "Receiving:", "Sending:", "done in", "timed out", "Secure aggregation")
         parts: list[str] = []
         for name in names:
             lines = [ln.strip() for ln in self.log(name).splitlines() if any(m in ln for m in marks)]
