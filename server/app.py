@@ -46,6 +46,7 @@ from server.privacy import (
     wrap_central_dp,
 )
 from server.rounds import RoundTiming, run_rounds
+from server.runtime_patience import READ_TIMEOUT_S, wait_for_slow_answers
 from server.secagg import SecureTrainPhase, check_secagg, secagg_settings
 from server.site_names import parse_registered
 from server.strategy import SiteAwareMixin, build_strategy
@@ -113,6 +114,8 @@ def main(grid: Grid, context: Context) -> None:
     """Federated training of the configured model on every connected site."""
     cfg = compose_run_config(context.run_config)
     out = out_dir(dict(context.run_config), cfg)
+    if wait_for_slow_answers(grid):  # a deployment: replies lost to a 30 s timeout (module doc)
+        log(INFO, "waiting up to %.0f s for each SuperLink answer", READ_TIMEOUT_S)
     torch.manual_seed(int(cfg.seed))
     model = build_model(cfg.model)
     first = 1
