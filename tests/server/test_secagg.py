@@ -72,6 +72,17 @@ class LoopbackGrid:
         return out
 
 
+def _site_contexts(tiny_sites, overrides: str) -> dict[int, Context]:
+    """Each site's Context, as its SuperNode would hand it to the ClientApp."""
+    return {nid: Context(run_id=1, node_id=nid, node_config={"data-path": str(site)},
+                         state=RecordDict(), run_config={"overrides": overrides, "out-dir": ""})
+            for nid, site in zip(NODES, tiny_sites, strict=True)}
+
+
+def _server_context() -> Context:
+    return Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+
+
 def _plain_train(arrays: ArrayRecord, context: Context, rnd: int) -> ArrayRecord:
     meta = Metadata(run_id=1, message_id="plain", src_node_id=0, dst_node_id=context.node_id,
                     reply_to_message_id="", group_id=str(rnd), created_at=time.time(), ttl=600.0,
@@ -98,16 +109,13 @@ def _secure_round(tiny_sites):
     check_secagg(cfg)
     model = build_model(cfg.model)
     arrays = ArrayRecord(model.state_dict())
-    contexts = {nid: Context(run_id=1, node_id=nid, node_config={"data-path": str(site)},
-                             state=RecordDict(), run_config={"overrides": OVERRIDES, "out-dir": ""})
-                for nid, site in zip(NODES, tiny_sites, strict=True)}
+    contexts = _site_contexts(tiny_sites, OVERRIDES)
     # What each site's update is: the same round trained the plain way (seeded per round).
     trained = {nid: _plain_train(arrays, ctx, rnd=1) for nid, ctx in contexts.items()}
     updates = {nid: update_of(arrays, trained[nid], str(nid)) for nid in NODES}
     grid = LoopbackGrid(contexts)
     strategy = build_strategy(cfg.fl, array_spec({k: a.numpy() for k, a in arrays.items()}))
-    ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
-    phase = SecureTrainPhase(strategy, strategy, ctx, cfg.fl.secagg, timeout=60.0)
+    phase = SecureTrainPhase(strategy, strategy, _server_context(), cfg.fl.secagg, timeout=60.0)
     new = phase(1, arrays, grid, ConfigRecord())  # type: ignore[arg-type]
     return cfg, arrays, updates, grid, strategy, new
 
@@ -198,12 +206,9 @@ def test_one_failing_site_leaves_the_mean_of_the_others_and_is_named(tiny_sites,
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     try:
         arrays = ArrayRecord(build_model(cfg.model).state_dict())
-        contexts = {nid: Context(run_id=1, node_id=nid, node_config={"data-path": str(site)},
-                                 state=RecordDict(), run_config={"overrides": OVERRIDES, "out-dir": ""})
-                    for nid, site in zip(NODES, tiny_sites, strict=True)}
+        contexts = _site_contexts(tiny_sites, OVERRIDES)
         strategy = build_strategy(cfg.fl, array_spec({k: a.numpy() for k, a in arrays.items()}))
-        ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
-        phase = SecureTrainPhase(strategy, strategy, ctx, cfg.fl.secagg, timeout=60.0)
+        phase = SecureTrainPhase(strategy, strategy, _server_context(), cfg.fl.secagg, timeout=60.0)
         with caplog.at_level(logging.WARNING, logger="flwr"):
             new = phase(1, arrays, FailingSiteGrid(contexts, NODES[2], stage, silent),
                         ConfigRecord())  # type: ignore[arg-type]
@@ -256,14 +261,11 @@ def test_client_level_dp_on_top_noises_the_secure_mean(tiny_sites):
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     try:
         arrays = ArrayRecord(build_model(cfg.model).state_dict())
-        contexts = {nid: Context(run_id=1, node_id=nid, node_config={"data-path": str(site)},
-                                 state=RecordDict(), run_config={"overrides": overrides, "out-dir": ""})
-                    for nid, site in zip(NODES, tiny_sites, strict=True)}
+        contexts = _site_contexts(tiny_sites, overrides)
         strategy = build_strategy(cfg.fl, array_spec({k: a.numpy() for k, a in arrays.items()}))
         ledger = ClientLevelAccountant(float(cfg.privacy.delta))
         runner = wrap_central_dp(strategy, cfg.privacy, cfg.fl, ledger)
-        ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
-        phase = SecureTrainPhase(runner, strategy, ctx, cfg.fl.secagg, timeout=60.0, noise=runner)
+        phase = SecureTrainPhase(runner, strategy, _server_context(), cfg.fl.secagg, timeout=60.0, noise=runner)
         new = phase(1, arrays, LoopbackGrid(contexts), ConfigRecord())  # type: ignore[arg-type]
     finally:
         TaskIdentity._run_id = TaskIdentity._node_id = TaskIdentity._task_id = None
